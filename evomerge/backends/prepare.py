@@ -1,0 +1,230 @@
+"""Everything checked before any expensive work starts, and the RunSpec that comes out of it.
+
+Order (cheapest first): the YAML file and its fields, the options, the model folders and their
+configs (read as JSON, no model code runs), the layer groups, the lm-eval task names. Each error
+names the file, field, model or task and says how to fix it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from collections.abc import Sequence
+
+import yaml
+from pydantic import ValidationError
+
+from evomerge.core.config import EvolveConfig, benchmark_task_names
+from evomerge.core.options import RunOptions
+from evomerge.core.run_spec import ModelFacts, RunSpec
+from evomerge.core.search_space import SearchSpace
+
+
+class ConfigurationError(ValueError):
+    """Bad input, found before any work: the message says what and how to fix it."""
+
+
+def load_config(config_path: str) -> EvolveConfig:
+    if not os.path.isfile(config_path):
+        raise ConfigurationError(f"config file {config_path!r} does not exist")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        raise ConfigurationError(f"{config_path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigurationError(f"{config_path} must hold a mapping with 'genome:' and 'tasks:'")
+    try:
+        return EvolveConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigurationError(f"{config_path}: {_describe(exc)}") from exc
+
+
+def build_options(**values) -> RunOptions:
+    try:
+        options = RunOptions.model_validate(values)
+    except ValidationError as exc:
+        raise ConfigurationError(f"options: {_describe(exc)}") from exc
+    unavailable = options.unavailable_features()
+    if unavailable:
+        raise ConfigurationError("; ".join(unavailable))
+    return options
+
+
+def resolve_model_paths(config: EvolveConfig, config_path: str) -> EvolveConfig:
+    """Existing relative paths become absolute (mergekit asks the Hub about short relative
+    names), looked up from the current directory first, then from the config file's folder."""
+    config_dir = os.path.dirname(os.path.abspath(config_path))
+
+    def resolve(ref: str | None) -> str | None:
+        if ref is None or os.path.isabs(ref):
+            return ref
+        for base in (os.getcwd(), config_dir):
+            candidate = os.path.join(base, os.path.expanduser(ref))
+            if os.path.exists(candidate):
+                return os.path.normpath(candidate)
+        return ref
+
+    genome = config.genome.model_copy(
+        update={
+            "models": [resolve(m) for m in config.genome.models],
+            "base_model": resolve(config.genome.base_model),
+            "tokenizer_source": config.genome.tokenizer_source
+            if config.genome.tokenizer_source in (None, "base", "union")
+            or config.genome.tokenizer_source.startswith("model:")
+            else resolve(config.genome.tokenizer_source),
+        }
+    )
+    return config.model_copy(update={"genome": genome})
+
+
+def inspect_models(config: EvolveConfig, trust_remote_code: bool = False) -> ModelFacts:
+    """Architecture, layer count and dtype shared by all source models."""
+    refs = list(config.genome.models)
+    if config.genome.base_model and config.genome.base_model not in refs:
+        refs.append(config.genome.base_model)
+    facts = {ref: _model_facts(ref, trust_remote_code) for ref in refs}
+    first_ref, first = next(iter(facts.items()))
+    for ref, f in facts.items():
+        if f.architecture != first.architecture:
+            raise ConfigurationError(
+                f"model {ref} is a {f.architecture} but {first_ref} is a {first.architecture}; "
+                "all models of a merge must share one architecture"
+            )
+        if f.num_layers != first.num_layers:
+            raise ConfigurationError(
+                f"model {ref} has {f.num_layers} layers but {first_ref} has {first.num_layers}; "
+                "all models of a merge must have the same number of layers"
+            )
+    return first
+
+
+def _model_facts(ref: str, trust_remote_code: bool) -> ModelFacts:
+    path = os.path.expanduser(ref.split("@")[0])
+    looks_local = os.path.isabs(path) or path.startswith(".") or os.path.exists(path)
+    if looks_local:
+        if not os.path.isdir(path):
+            raise ConfigurationError(
+                f"model {ref!r} does not exist: no such folder. Fix the path in genome.models "
+                "(or genome.base_model)"
+            )
+        config_file = os.path.join(path, "config.json")
+        if not os.path.isfile(config_file):
+            raise ConfigurationError(
+                f"model {ref!r} has no config.json; point genome.models at a Hugging Face model "
+                "folder (config.json plus safetensors weights)"
+            )
+        with open(config_file, encoding="utf-8") as f:
+            raw = json.load(f)
+    else:
+        raw = _hub_config(ref, trust_remote_code)
+    try:
+        architecture = raw["architectures"][0]
+        num_layers = int(raw.get("num_hidden_layers") or raw["text_config"]["num_hidden_layers"])
+    except (KeyError, IndexError, TypeError) as exc:
+        raise ConfigurationError(
+            f"model {ref!r}: its config has no architectures/num_hidden_layers ({exc}); "
+            "evomerge merges decoder models that transformers can load"
+        ) from exc
+    dtype = raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"
+    return ModelFacts(architecture=architecture, num_layers=num_layers, dtype=str(dtype))
+
+
+def _hub_config(ref: str, trust_remote_code: bool) -> dict:
+    from transformers import AutoConfig
+
+    name, _, revision = ref.partition("@")
+    try:
+        return AutoConfig.from_pretrained(
+            name, revision=revision or None, trust_remote_code=trust_remote_code
+        ).to_dict()
+    except Exception as exc:  # transformers raises OSError, ValueError, HF errors...
+        raise ConfigurationError(
+            f"model {ref!r} is not a local folder and could not be loaded from the Hugging Face "
+            f"Hub ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            "fix the path, or download the model and list its folder"
+        ) from exc
+
+
+def check_tasks(task_names: Sequence[str], search_paths: Sequence[str]) -> bool:
+    """Raise if lm-eval cannot find a task. Returns whether lm-eval's built-in tasks are needed
+    (``False`` lets every worker skip indexing the thousands of default task files)."""
+    from lm_eval.tasks import TaskManager
+
+    for p in search_paths:
+        if not os.path.isdir(p):
+            raise ConfigurationError(
+                f"--task-search-path {p!r} is not a folder; give a folder of lm-eval task YAMLs"
+            )
+    if search_paths:
+        custom = TaskManager(include_path=list(search_paths), include_defaults=False)
+        if all(name in custom.all_tasks for name in task_names):
+            return False
+    manager = TaskManager(include_path=list(search_paths) or None, include_defaults=True)
+    known = manager.all_tasks
+    missing = [name for name in task_names if name not in known]
+    if missing:
+        searched = [*search_paths, "lm-eval's built-in tasks"]
+        hints = []
+        for name in missing:
+            close = difflib.get_close_matches(name, known, n=3)
+            hints.append(f"{name!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+        raise ConfigurationError(
+            f"lm-eval cannot find task {', '.join(hints)}; searched {', '.join(searched)}. "
+            "Fix the task name under 'tasks:', or add its folder with --task-search-path"
+        )
+    return True
+
+
+def prepare_run(
+    config_path: str,
+    storage_path: str,
+    options: RunOptions,
+    *,
+    check_task_names: bool = True,
+) -> RunSpec:
+    """Load and validate everything; return the RunSpec. Raises ConfigurationError."""
+    config = resolve_model_paths(load_config(config_path), config_path)
+    if not options.allow_benchmark_tasks and benchmark_task_names(config):
+        names = ", ".join(benchmark_task_names(config))
+        raise ConfigurationError(
+            f"task {names} is a public benchmark; optimizing a merge against its test set games "
+            "the benchmark. Use a task of your own, or pass "
+            "--i-understand-the-depths-of-the-evils-i-am-unleashing"
+        )
+    models = inspect_models(config, options.trust_remote_code)
+    try:
+        SearchSpace(config.genome, models.num_layers, dtype=models.dtype)
+    except ValueError as exc:
+        raise ConfigurationError(f"{config_path}: {exc}") from exc
+    search_paths = [os.path.abspath(p) for p in options.task_search_path]
+    options = options.model_copy(update={"task_search_path": search_paths})
+    if check_task_names:
+        check_tasks([t.name for t in config.tasks], search_paths)
+    return RunSpec(
+        config=config,
+        options=options,
+        storage_path=_normalize_storage_path(storage_path),
+        models=models,
+        working_dir=os.getcwd(),
+    )
+
+
+def _normalize_storage_path(storage_path: str) -> str:
+    if "://" in storage_path and not storage_path.startswith("file://"):
+        return storage_path.rstrip("/")
+    return os.path.abspath(storage_path.removeprefix("file://"))
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown key; remove it or fix its spelling"
+        elif err["type"] == "missing":
+            message = "required; add it"
+        parts.append(f"{where}: {message}")
+    return "; ".join(parts)

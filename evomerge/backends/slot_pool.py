@@ -1,0 +1,154 @@
+"""The pool of evaluation slots on Ray: one long-lived SlotWorker actor per slot.
+
+A slot is one GPU where the cluster has GPUs, otherwise ``cpus_per_slot`` CPUs. Placement is
+expressed to Ray as resources, so Ray (not hope) keeps two candidates off one slot. A slot
+request Ray can never satisfy fails after ``slot_start_timeout`` seconds with the cluster's
+resources in the message.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+
+from evomerge.core.records import CandidateRequest, EvaluationOutcome
+from evomerge.core.run_spec import RunSpec
+
+
+class SlotStartError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class SlotRef:
+    """How a Prefect task finds its slot's actor: a named actor in the run's namespace."""
+
+    name: str
+    actor_name: str
+    namespace: str
+    node: str = ""
+    node_id: str = ""
+
+
+def plan_slots(cluster_resources: dict[str, float], spec: RunSpec) -> tuple[int, dict]:
+    """(number of slots, Ray options of one slot actor)."""
+    gpus = int(cluster_resources.get("GPU", 0))
+    if gpus > 0:
+        # More slots than GPUs fails at placement, with the cluster's resources in the message.
+        return spec.options.num_gpus or gpus, {"num_gpus": 1, "num_cpus": 1}
+    if spec.options.num_gpus:
+        raise SlotStartError(
+            f"--num-gpus {spec.options.num_gpus} was given but the Ray cluster has no GPU; "
+            "leave it out to use CPU slots (--cpu-slots)"
+        )
+    cpus = int(cluster_resources.get("CPU", 1))
+    count = spec.options.cpu_slots or max(1, cpus)
+    return count, {"num_cpus": 1}
+
+
+class SlotPool:
+    """The run's slot actors. Holding their handles keeps them alive: Ray collects a
+    non-detached actor, named or not, once no handle to it is left."""
+
+    def __init__(self, refs: list[SlotRef], handles: list):
+        self.refs = refs
+        self._handles = handles
+
+    def stop(self) -> None:
+        import ray
+
+        for handle in self._handles:
+            try:
+                ray.kill(handle)
+            except Exception:  # already gone
+                pass
+        self._handles = []
+
+
+def start_slots(spec: RunSpec, include_default_tasks: bool) -> SlotPool:
+    import ray
+
+    from evomerge.backends.slot_worker import SlotWorker
+
+    count, actor_options = plan_slots(ray.cluster_resources(), spec)
+    namespace = f"evomerge-{uuid.uuid4().hex[:8]}"
+    actor_cls = ray.remote(SlotWorker)
+    actors, refs = [], []
+    for i in range(count):
+        name = f"slot-{i}"
+        actor_name = f"evomerge-{name}"
+        actor = actor_cls.options(
+            name=actor_name,
+            namespace=namespace,
+            max_concurrency=1,
+            max_restarts=0,
+            **actor_options,
+        ).remote(spec, name, include_default_tasks, threads=actor_options.get("num_cpus", 1))
+        actors.append(actor)
+        refs.append(SlotRef(name, actor_name, namespace))
+    pool = SlotPool(refs, actors)
+    ready, not_ready = ray.wait(
+        [a.describe.remote() for a in actors], num_returns=count, timeout=spec.options.slot_start_timeout
+    )
+    if not_ready:
+        pool.stop()
+        raise SlotStartError(
+            f"Ray placed {len(ready)} of {count} evaluation slots ({actor_options} each) within "
+            f"{spec.options.slot_start_timeout:.0f} s; the cluster has {ray.cluster_resources()}. "
+            "Lower --num-gpus/--cpu-slots or add nodes"
+        )
+    try:
+        described = ray.get(ready)  # raises if a slot failed to start (e.g. bad task files)
+    except Exception:
+        pool.stop()
+        raise
+    by_slot = {d["slot"]: d for d in described}
+    pool.refs = [
+        SlotRef(r.name, r.actor_name, r.namespace, by_slot[r.name]["node"], by_slot[r.name]["node_id"])
+        for r in refs
+    ]
+    return pool
+
+
+class SlotsOnDemand:
+    """Starts Ray and the slot pool the first time a generation needs them, stops both at exit.
+
+    A run started again on a finished or mostly replayed storage path then costs no cluster.
+    """
+
+    def __init__(self, spec: RunSpec, include_default_tasks: bool):
+        self.spec = spec
+        self.include_default_tasks = include_default_tasks
+        self._pool: SlotPool | None = None
+        self._started_ray = False
+
+    def refs(self) -> list[SlotRef]:
+        if self._pool is None:
+            from evomerge.backends.ray_cluster import connect_ray
+
+            self._started_ray = connect_ray(self.spec.options.ray_address)
+            self._pool = start_slots(self.spec, self.include_default_tasks)
+            logging.getLogger("evomerge").info(
+                "%d evaluation slots: %s", len(self._pool.refs),
+                ", ".join(f"{r.name}@{r.node}" for r in self._pool.refs),
+            )
+        return self._pool.refs
+
+    def __enter__(self) -> SlotsOnDemand:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        from evomerge.backends.ray_cluster import disconnect_ray
+
+        if self._pool is not None:
+            self._pool.stop()
+        disconnect_ray(self._started_ray)
+
+
+def run_on_slot(slot: SlotRef, request: CandidateRequest) -> EvaluationOutcome:
+    """Merge and score one candidate on the given slot's actor (blocks until done)."""
+    import ray
+
+    actor = ray.get_actor(slot.actor_name, namespace=slot.namespace)
+    return ray.get(actor.run.remote(request))

@@ -1,0 +1,159 @@
+"""``evomerge [OPTIONS] --storage-path PATH CONFIG``: a ``mergekit-evolve`` command line works by
+changing its first word.
+
+Order of work: validate everything (config, options, models, task names) -> start a private
+Prefect server unless PREFECT_API_URL is set -> run the ``evolve`` flow (which starts Ray) ->
+stop what was started. Ctrl-C or SIGTERM stops within seconds; every record already written and
+the best config stay; the same command continues the search.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import click
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+def _flag(name: str, default: bool, help: str, *aliases: str):
+    """A ``--x/--no-x`` flag, as upstream declares its boolean options."""
+    return click.option(f"--{name}/--no-{name}", *aliases, default=default, show_default=True, help=help)
+
+
+@click.command("evomerge", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--storage-path", required=True, help="Where records, checkpoints and the best config go (folder or s3://).")
+@click.option("--max-fevals", type=int, default=100, show_default=True, help="Evaluation budget.")
+@_flag("vllm", False, "Score with lm-eval's vllm backend.")
+@click.option("--strategy", "-s", type=click.Choice(["pool", "buffered", "serial"]), default="pool", show_default=True, help="Evaluation scheduling strategy.")
+@_flag("in-memory", False, "Merge in memory into a resident model.")
+@click.option("--num-gpus", type=int, default=None, help="GPU slots to use (default: every GPU of the cluster).")
+@_flag("merge-cuda", True, "Merge on the GPU when there is one.")
+@_flag("trust-remote-code", False, "Let transformers run code shipped with a model.")
+@_flag("allow-crimes", False, "Let mergekit merge unlike architectures.")
+@click.option("--seed", "--random-seed", "seed", type=int, default=0, show_default=True, help="Seed of the whole run.")
+@click.option("--batch-size", type=int, default=None, help="lm-eval batch size.")
+@click.option("--sigma0", type=float, default=1 / 6, show_default=True, help="Initial CMA-ES step size.")
+@click.option("--wandb/--no-wandb", "wandb", default=False, help="Log to Weights & Biases.")
+@click.option("--wandb-project", default=None, help="Weights & Biases project.")
+@click.option("--wandb-entity", default=None, help="Weights & Biases entity.")
+@click.option("--task-search-path", multiple=True, help="Folder of lm-eval task YAMLs (repeatable).")
+@click.option("--i-understand-the-depths-of-the-evils-i-am-unleashing", "allow_benchmark_tasks", is_flag=True, default=False, help="Allow public benchmarks as objectives.")
+@_flag("save-final-model", True, "Merge the best config into STORAGE_PATH/final_model at the end.")
+@_flag("reshard", True, "Accepted for compatibility; changes nothing (mergekit reads shards lazily).")
+@click.option("--timeout", type=float, default=None, help="Wall-time budget in seconds; no generation starts after it.")
+@click.option("--load-in-8bit", is_flag=True, default=False, help="Not available yet.")
+@click.option("--load-in-4bit", is_flag=True, default=False, help="Not available yet.")
+@click.option("--popsize", "--force-population-size", "popsize", type=int, default=None, help="CMA-ES population size.")
+@click.option("--ray-address", default=None, help="Existing Ray cluster (default: a private local one).")
+@click.option("--cpu-slots", type=int, default=None, help="Evaluation slots without GPUs (default: one per CPU).")
+@click.option("--max-failed-fraction", type=float, default=0.5, show_default=True, help="Stop when more of a generation fails.")
+@click.option("--slot-start-timeout", type=float, default=120.0, show_default=True, help="Seconds Ray may take to place the slots.")
+def main(config: str, storage_path: str, **values) -> None:
+    """Search the best merge of the models in CONFIG (a mergekit-evolve YAML file)."""
+    from evomerge.backends.prepare import ConfigurationError, build_options, prepare_run
+    from evomerge.search_session import StorageMismatchError, check_storage_path
+
+    values["task_search_path"] = list(values["task_search_path"])
+    try:
+        options = build_options(**values)
+        spec = prepare_run(config, storage_path, options)
+        check_storage_path(spec)
+    except (ConfigurationError, StorageMismatchError) as exc:
+        click.echo(f"evomerge: error: {exc}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+
+    server = None
+    _stop_on_sigterm()
+    _show_library_logs()
+    try:
+        if not os.environ.get("PREFECT_API_URL"):
+            from evomerge.backends.prefect_server import start_prefect_server
+
+            click.echo("evomerge: starting a private Prefect server on 127.0.0.1 ...")
+            server = start_prefect_server()
+            os.environ["PREFECT_API_URL"] = server.api_url
+            click.echo(f"evomerge: Prefect UI at {server.ui_url} (open while the run lasts)")
+        else:
+            click.echo(f"evomerge: using the Prefect server at {os.environ['PREFECT_API_URL']}")
+        summary = _run(os.path.abspath(config), spec)
+    except KeyboardInterrupt:
+        click.echo(
+            f"\nevomerge: stopped. Records and best_config.yaml are kept in {spec.storage_path}; "
+            "run the same command again to continue.",
+            err=True,
+        )
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as exc:
+        from evomerge.search_session import RunStoppedError
+
+        if isinstance(exc, (RunStoppedError, StorageMismatchError, ConfigurationError)):
+            click.echo(f"evomerge: error: {exc}", err=True)
+            sys.exit(1)
+        raise
+    finally:
+        if server is not None:
+            _flush_prefect_logs()
+            server.stop()
+    _print_summary(summary)
+
+
+def _run(config_path: str, spec):
+    # Imported only now: Prefect reads PREFECT_API_URL when it is first imported and configured.
+    # The flow validates again, as a deployment run would; it runs in this directory, so
+    # relative model paths resolve the same way.
+    from flows.evolve import evolve
+
+    return evolve(config=config_path, storage_path=spec.storage_path, **spec.options.model_dump())
+
+
+def _show_library_logs() -> None:
+    import logging
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d | %(levelname)-7s | evomerge - %(message)s", "%H:%M:%S"))
+    logger = logging.getLogger("evomerge")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+def _flush_prefect_logs() -> None:
+    """Send buffered run logs to the server before it stops (else they are lost, noisily)."""
+    try:
+        from prefect.logging.handlers import APILogHandler
+
+        APILogHandler.flush()
+    except Exception:
+        pass
+
+
+def _stop_on_sigterm() -> None:
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _print_summary(summary: dict) -> None:
+    path = summary["storage_path"]
+    click.echo("")
+    click.echo(f"evomerge: done ({summary.get('finished_reason')})")
+    click.echo(f"  evaluations spent : {summary['evaluations']} of {summary['max_fevals']}"
+               f" ({summary['failed_evaluations']} failed)")
+    click.echo(f"  generations       : {summary['generations']}")
+    best = summary.get("best_fitness")
+    click.echo(f"  best fitness      : {best:.6f}" if best is not None else "  best fitness      : none")
+    if summary.get("best_metrics"):
+        for task, metrics in summary["best_metrics"].items():
+            for metric, value in metrics.items():
+                click.echo(f"    {task} {metric}: {value}")
+    click.echo(f"  best config       : {path}/best_config.yaml")
+    click.echo(f"  summary           : {path}/summary.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Run options: every ``mergekit-evolve`` command-line option, plus evomerge's own.
+
+This model is the single source of names and defaults for the CLI (``evomerge.cli``), the
+``evolve`` flow's parameters and the deployment; ``tests/test_options.py`` checks that they agree.
+Upstream names keep their meaning; where upstream had an awkward name, evomerge adds a clearer one
+and keeps the old one as an alias on the command line (``--random-seed`` = ``--seed``,
+``--force-population-size`` = ``--popsize``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Strategy = Literal["pool", "buffered", "serial"]
+
+# Options whose feature is planned but not built: selecting one fails before any work starts.
+NOT_AVAILABLE_YET: dict[str, str] = {
+    "strategy:buffered": "--strategy buffered is not available yet; use --strategy pool",
+    "strategy:serial": "--strategy serial is not available yet; use --strategy pool",
+    "in_memory": "--in-memory is not available yet; leave it off (merges go through disk)",
+    "vllm": "--vllm is not available yet; leave it off (scoring uses lm-eval's hf backend)",
+    "wandb": "--wandb is not available yet; leave it off (watch the run in the Prefect UI)",
+    "load_in_8bit": "--load-in-8bit is not available yet; leave it off",
+    "load_in_4bit": "--load-in-4bit is not available yet; leave it off",
+}
+
+
+class RunOptions(BaseModel):
+    """What the user chose on the command line (or as deployment parameters)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # --- mergekit-evolve options, same names and defaults -----------------------------------
+    max_fevals: int = Field(100, description="Evaluation budget: candidates scored, at most.")
+    vllm: bool = Field(False, description="Score with lm-eval's vllm backend.")
+    strategy: Strategy = Field("pool", description="Scheduling strategy: pool, buffered, serial.")
+    in_memory: bool = Field(False, description="Merge in memory into a resident model.")
+    num_gpus: int | None = Field(None, description="GPU slots to use (default: all GPUs).")
+    merge_cuda: bool = Field(True, description="Merge on the GPU when there is one.")
+    trust_remote_code: bool = Field(False, description="Let transformers run model code.")
+    allow_crimes: bool = Field(False, description="Let mergekit merge unlike architectures.")
+    seed: int = Field(0, description="Seed of CMA-ES and of every random choice of the run.")
+    batch_size: int | None = Field(None, description="lm-eval batch size (default: auto on GPU, 16 on CPU).")
+    sigma0: float = Field(1 / 6, description="Initial CMA-ES step size.")
+    wandb: bool = Field(False, description="Log to Weights & Biases.")
+    wandb_project: str | None = None
+    wandb_entity: str | None = None
+    task_search_path: list[str] = Field(
+        default_factory=list, description="Folders with lm-eval task YAML files."
+    )
+    allow_benchmark_tasks: bool = Field(
+        False, description="Allow public benchmarks as objectives (upstream's long flag)."
+    )
+    save_final_model: bool = Field(True, description="Merge the best config at the end.")
+    reshard: bool = Field(
+        True, description="Accepted for compatibility; mergekit reads sharded sources directly."
+    )
+    timeout: float | None = Field(
+        None, description="Wall-time budget in seconds; no new generation starts after it."
+    )
+    load_in_8bit: bool = False
+    load_in_4bit: bool = False
+    popsize: int | None = Field(None, description="CMA-ES population size (default: 4+3 ln n).")
+
+    # --- evomerge's own ---------------------------------------------------------------------
+    ray_address: str | None = Field(
+        None, description="Existing Ray cluster to use (default: start a local one)."
+    )
+    cpu_slots: int | None = Field(
+        None, description="Evaluation slots on a machine without GPUs (default: one per CPU)."
+    )
+    max_failed_fraction: float = Field(
+        0.5, description="Stop the run when more than this fraction of a generation fails."
+    )
+    slot_start_timeout: float = Field(
+        120.0, description="Seconds to wait for Ray to place the evaluation slots."
+    )
+
+    @field_validator("max_fevals")
+    @classmethod
+    def _positive_budget(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1 evaluation")
+        return value
+
+    @field_validator("sigma0")
+    @classmethod
+    def _positive_sigma(cls, value: float) -> float:
+        if not value > 0:
+            raise ValueError("must be a positive step size, e.g. 0.1667")
+        return value
+
+    @field_validator("popsize")
+    @classmethod
+    def _popsize_at_least_two(cls, value: int | None) -> int | None:
+        if value is not None and value < 2:
+            raise ValueError("must be at least 2 (CMA-ES ranks candidates against each other)")
+        return value
+
+    @field_validator("batch_size", "num_gpus", "cpu_slots")
+    @classmethod
+    def _positive_count(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+    @field_validator("timeout")
+    @classmethod
+    def _positive_timeout(cls, value: float | None) -> float | None:
+        if value is not None and not value > 0:
+            raise ValueError("must be a positive number of seconds")
+        return value
+
+    @field_validator("max_failed_fraction")
+    @classmethod
+    def _fraction(cls, value: float) -> float:
+        if not 0 <= value <= 1:
+            raise ValueError("must be between 0 and 1")
+        return value
+
+    @model_validator(mode="after")
+    def _exclusive_quantization(self) -> RunOptions:
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("choose one of --load-in-8bit and --load-in-4bit, not both")
+        return self
+
+    def unavailable_features(self) -> list[str]:
+        """Messages for every chosen option whose feature is not built yet."""
+        chosen = []
+        if self.strategy != "pool":
+            chosen.append(f"strategy:{self.strategy}")
+        chosen += [
+            name
+            for name in ("in_memory", "vllm", "wandb", "load_in_8bit", "load_in_4bit")
+            if getattr(self, name)
+        ]
+        return [NOT_AVAILABLE_YET[name] for name in chosen]

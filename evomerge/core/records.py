@@ -1,0 +1,114 @@
+"""What is stored for each candidate, and how a candidate is named.
+
+A candidate's key is a hash of its decoded merge configuration plus the evaluation settings, so
+equal work has one key: a key with a record is never evaluated again (within a generation, across
+generations, or when a run is started again on the same storage path).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from evomerge.core.config import EvolveConfig, TaskConfiguration
+
+RECORD_FORMAT_VERSION = 1
+
+
+class EvaluationSettings(BaseModel):
+    """Everything besides the merge that changes a candidate's score."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tasks: list[TaskConfiguration]
+    limit: int | float | None = None
+    num_fewshot: int | None = None
+    apply_chat_template: bool = False
+    fewshot_as_multiturn: bool = True
+    backend: Literal["hf", "vllm"] = "hf"
+
+    @classmethod
+    def from_config(cls, config: EvolveConfig, backend: str = "hf") -> EvaluationSettings:
+        return cls(
+            tasks=config.tasks,
+            limit=config.limit,
+            num_fewshot=config.num_fewshot,
+            apply_chat_template=config.apply_chat_template,
+            fewshot_as_multiturn=config.fewshot_as_multiturn,
+            backend=backend,
+        )
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(dict.fromkeys(t.name for t in self.tasks))
+
+
+def canonical_json(value: Any) -> str:
+    """Stable JSON: sorted keys, no whitespace, floats as Python's shortest round-trip repr."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def candidate_key(merge_config: dict[str, Any], settings: EvaluationSettings) -> str:
+    payload = canonical_json({"merge": merge_config, "evaluation": settings.model_dump(mode="json")})
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+class CandidateRequest(BaseModel):
+    """One candidate to merge and score: what a slot needs, nothing more."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key: str
+    generation: int
+    index: int
+    vector: list[float]
+    merge_config: dict[str, Any]
+
+
+class Timings(BaseModel):
+    """Seconds spent on one candidate, as measured in the slot that ran it."""
+
+    merge: float = 0.0
+    load: float = 0.0
+    evaluate: float = 0.0
+    total: float = 0.0  # the whole call in the slot, including cleanup
+    # From submission by the generation flow to the result back in it: ``round_trip - total``
+    # is the orchestration's share (Prefect task run, Ray scheduling, transfers).
+    round_trip: float = 0.0
+
+
+class EvaluationOutcome(BaseModel):
+    """What a slot returns for a candidate: metrics, or the error that stopped it."""
+
+    status: Literal["ok", "failed"]
+    metrics: dict[str, dict[str, float | None]] = Field(default_factory=dict)
+    error: str | None = None
+    # A configuration error (e.g. a metric that no task produces) fails every candidate alike:
+    # the run stops at the first one instead of spending a generation on it.
+    fatal: bool = False
+    timings: Timings = Field(default_factory=Timings)
+    node: str = ""
+    slot: str = ""
+
+
+class CandidateRecord(BaseModel):
+    """The stored, write-once record of one evaluated candidate."""
+
+    format_version: int = RECORD_FORMAT_VERSION
+    key: str
+    generation: int
+    index: int
+    vector: list[float]
+    parameters: dict[str, float]
+    merge_config: dict[str, Any]
+    status: Literal["ok", "failed"]
+    metrics: dict[str, dict[str, float | None]] = Field(default_factory=dict)
+    score: float | None = None
+    error: str | None = None
+    timings: Timings = Field(default_factory=Timings)
+    node: str = ""
+    slot: str = ""
+    finished_at: float = 0.0

@@ -1,0 +1,62 @@
+"""RunSpec: the validated, frozen description of a run that travels through every layer."""
+
+from __future__ import annotations
+
+import hashlib
+
+from pydantic import BaseModel, ConfigDict
+
+from evomerge.core.config import EvolveConfig
+from evomerge.core.options import RunOptions
+from evomerge.core.records import EvaluationSettings, canonical_json
+from evomerge.core.search_space import SearchSpace, default_popsize
+
+# Options that do not change which candidates are asked or how they score: a run started again
+# with other values of these continues the same search.
+_NOT_IN_FINGERPRINT = {
+    "max_fevals", "timeout", "batch_size", "num_gpus", "cpu_slots", "ray_address",
+    "wandb", "wandb_project", "wandb_entity", "save_final_model", "slot_start_timeout",
+    "max_failed_fraction", "reshard", "merge_cuda", "strategy", "in_memory",
+    "task_search_path",
+}
+
+
+class ModelFacts(BaseModel):
+    """What the source models share, read from their configs before any work starts."""
+
+    model_config = ConfigDict(frozen=True)
+
+    architecture: str
+    num_layers: int
+    dtype: str
+
+
+class RunSpec(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    config: EvolveConfig
+    options: RunOptions
+    storage_path: str
+    models: ModelFacts
+    # The driver's current directory: lm-eval resolves relative data_files against the cwd, so
+    # every slot works from here (a path every node sees, on a cluster).
+    working_dir: str = "."
+
+    @property
+    def evaluation(self) -> EvaluationSettings:
+        return EvaluationSettings.from_config(self.config, "vllm" if self.options.vllm else "hf")
+
+    def search_space(self) -> SearchSpace:
+        return SearchSpace(self.config.genome, self.models.num_layers, dtype=self.models.dtype)
+
+    def popsize(self) -> int:
+        return self.options.popsize or default_popsize(self.search_space().dimension)
+
+    def fingerprint(self) -> str:
+        """Identifies the search: same fingerprint, same trajectory for the same scores."""
+        shaping = self.options.model_dump(mode="json", exclude=_NOT_IN_FINGERPRINT)
+        payload = canonical_json(
+            {"config": self.config.model_dump(mode="json"), "options": shaping,
+             "models": self.models.model_dump(mode="json")}
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -1,0 +1,326 @@
+"""The search space: a real vector <-> a mergekit merge configuration.
+
+Layout. The layers are cut into groups of ``layer_granularity`` consecutive layers (0: one group
+for all). Each group has one value per (model, filter set, parameter):
+
+==================  =======================================  ==================================
+merge_method        models with parameters                   parameters (start value)
+==================  =======================================  ==================================
+linear              every model in ``models``                weight (1/k)
+task_arithmetic     ``models`` except the base model         weight (1/k)
+ties, dare_ties     ``models`` except the base model         weight (1/k), density (1.0)
+slerp               -- (two sources, one value per group)    t (0.5)
+==================  =======================================  ==================================
+
+k is the number of weighted models, so the start point is the uniform merge. The base model of a
+task-arithmetic method carries no parameter: its task vector is zero, so a weight on it would be a
+dimension CMA-ES explores for nothing (upstream kept it; this is a deliberate difference). With
+``filters`` (e.g. ``[self_attn, mlp]``) each model gets one value per filter plus one for all other
+tensors, in that order.
+
+Decoding follows upstream ``mergekit.evo.genome``: a weight is taken as its absolute value unless
+``allow_negative_weights``; a density is ``clip(|x|, 0, 1)``; slerp's t is ``clip(x, 0, 1)``.
+``canonical(x)`` applies exactly these maps, and ``encode(decode(x)) == canonical(x)``.
+
+Tensors outside the layer blocks. A ``slices`` configuration gives them, as mergekit does, the
+parameters of the first group (token embeddings) and of the last group (final norm, lm_head). With
+``smooth: true`` the parameters are gradients over layers and mergekit applies the gradient's
+first value to the embeddings and its last to the final norm and lm_head.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from evomerge.core.config import METHODS_NEEDING_BASE, GenomeDefinition
+
+METHOD_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "linear": ("weight",),
+    "task_arithmetic": ("weight",),
+    "ties": ("weight", "density"),
+    "dare_ties": ("weight", "density"),
+    "slerp": ("t",),
+}
+# mergekit's generalized task arithmetic family takes int8_mask (a memory saving, same result).
+_GTA_METHODS = ("task_arithmetic", "ties", "dare_ties")
+
+
+@dataclass(frozen=True)
+class Coordinate:
+    """What one entry of the search vector sets."""
+
+    group: int
+    model: str | None  # None for slerp's per-group t
+    filter: str | None  # None: every tensor not matched by a named filter
+    parameter: str
+
+    def label(self, space: SearchSpace) -> str:
+        first, last = space.group_layers(self.group)
+        parts = [f"layers {first}-{last - 1}"]
+        if self.model is not None:
+            parts.append(space.model_label(self.model))
+        if self.filter is not None:
+            parts.append(self.filter)
+        parts.append(self.parameter)
+        return "/".join(parts)
+
+
+class SearchSpace:
+    """Maps CMA-ES vectors to mergekit configurations (plain dicts, YAML-ready) and back.
+
+    >>> from evomerge.core.config import GenomeDefinition
+    >>> genome = GenomeDefinition(models=["/m/a", "/m/b"], merge_method="linear",
+    ...                           layer_granularity=2)
+    >>> space = SearchSpace(genome, num_layers=4)
+    >>> space.dimension, space.initial_point().tolist()
+    (4, [0.5, 0.5, 0.5, 0.5])
+    >>> space.decode(space.initial_point())["slices"][1]["sources"][0]["layer_range"]
+    [2, 4]
+    """
+
+    def __init__(self, genome: GenomeDefinition, num_layers: int, dtype: str = "bfloat16"):
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be positive, got {num_layers}")
+        granularity = genome.layer_granularity
+        if granularity > 0 and num_layers % granularity != 0:
+            divisors = [d for d in range(1, num_layers + 1) if num_layers % d == 0]
+            raise ValueError(
+                f"genome.layer_granularity {granularity} does not divide the models' "
+                f"{num_layers} layers; use 0 (one group) or one of {divisors}"
+            )
+        self.genome = genome
+        self.num_layers = num_layers
+        self.dtype = dtype
+        self.layers_per_group = granularity if granularity > 0 else num_layers
+        self.num_groups = num_layers // self.layers_per_group
+        self.parameters_per_model = METHOD_PARAMETERS[genome.merge_method]
+        self.filter_sets: tuple[str | None, ...] = (*(genome.filters or []), None)
+
+        if genome.merge_method == "slerp":
+            sources = list(genome.models)
+            if genome.base_model is not None and genome.base_model not in sources:
+                sources.append(genome.base_model)
+            base = genome.base_model or sources[0]
+            self.slerp_sources: tuple[str, str] = (base, next(m for m in sources if m != base))
+            self.weighted_models: tuple[str, ...] = ()
+            coords = [Coordinate(g, None, None, "t") for g in range(self.num_groups)]
+        else:
+            base = genome.base_model if genome.merge_method in METHODS_NEEDING_BASE else None
+            self.weighted_models = tuple(m for m in genome.models if m != base)
+            coords = [
+                Coordinate(g, m, f, p)
+                for g in range(self.num_groups)
+                for m in self.weighted_models
+                for f in self.filter_sets
+                for p in self.parameters_per_model
+            ]
+        self.coordinates: tuple[Coordinate, ...] = tuple(coords)
+        self._labels = _short_labels([*genome.models, *([genome.base_model] if genome.base_model else [])])
+
+    # --- shape -----------------------------------------------------------------------------
+    @property
+    def dimension(self) -> int:
+        return len(self.coordinates)
+
+    def group_layers(self, group: int) -> tuple[int, int]:
+        """Half-open layer range ``[first, last)`` of a group."""
+        return group * self.layers_per_group, (group + 1) * self.layers_per_group
+
+    def model_label(self, model: str) -> str:
+        return self._labels[model]
+
+    def labels(self) -> list[str]:
+        return [c.label(self) for c in self.coordinates]
+
+    # --- points ----------------------------------------------------------------------------
+    def initial_point(self, rng: np.random.Generator | None = None) -> np.ndarray:
+        """The uniform merge; with ``rng`` (config ``random_init: true``) uniform in [0, 1)."""
+        if rng is not None:
+            return rng.random(self.dimension)
+        start = {
+            "weight": 1.0 / max(1, len(self.weighted_models)),
+            "density": 1.0,
+            "t": 0.5,
+        }
+        return np.array([start[c.parameter] for c in self.coordinates], dtype=float)
+
+    def canonical(self, x: np.ndarray) -> np.ndarray:
+        """The values the merge will use, in vector form (see the module docstring)."""
+        x = self._as_vector(x)
+        out = np.empty_like(x)
+        for i, c in enumerate(self.coordinates):
+            v = float(x[i])
+            if c.parameter == "weight":
+                v = v if self.genome.allow_negative_weights else abs(v)
+            elif c.parameter == "density":
+                v = min(abs(v), 1.0)
+            elif c.parameter == "t":
+                v = min(max(v, 0.0), 1.0)
+            out[i] = v
+        return out
+
+    # --- vector -> configuration -----------------------------------------------------------
+    def decode(self, x: np.ndarray) -> dict[str, Any]:
+        """A mergekit merge configuration as a plain dict (``mergekit-yaml`` accepts its YAML)."""
+        values = self.canonical(x)
+        config: dict[str, Any] = {"merge_method": self.genome.merge_method}
+        if self.genome.merge_method == "slerp":
+            config["base_model"] = self.slerp_sources[0]
+            config["slices"] = self._slerp_slices(values)
+        else:
+            if self.genome.base_model is not None:
+                config["base_model"] = self.genome.base_model
+            if self.genome.smooth:
+                config["models"] = self._smooth_models(values)
+            else:
+                config["slices"] = self._discrete_slices(values)
+            parameters: dict[str, Any] = {"normalize": self.genome.effective_normalize}
+            if self.genome.merge_method in _GTA_METHODS:
+                parameters["int8_mask"] = True
+            config["parameters"] = parameters
+        config["dtype"] = self.dtype
+        if self.genome.tokenizer_source is not None:
+            config["tokenizer_source"] = self.genome.tokenizer_source
+        return config
+
+    def named_parameters(self, x: np.ndarray) -> dict[str, float]:
+        """``{"layers 0-1/model_a/weight": 0.5, ...}``: the decoded values, for records and tables."""
+        return dict(zip(self.labels(), (float(v) for v in self.canonical(x))))
+
+    def _value_table(self, values: np.ndarray) -> dict[tuple, float]:
+        return {
+            (c.group, c.model, c.filter, c.parameter): float(v)
+            for c, v in zip(self.coordinates, values)
+        }
+
+    def _model_parameters(self, table: dict, groups: list[int], model: str) -> dict[str, Any]:
+        """One model's parameters over the given groups: a scalar per group, or a gradient list
+        (smooth), each possibly split by filter as mergekit's ``[{filter, value}, ...]``."""
+        params: dict[str, Any] = {}
+        for p in self.parameters_per_model:
+            per_filter = []
+            for f in self.filter_sets:
+                series = [table[(g, model, f, p)] for g in groups]
+                per_filter.append((f, series[0] if len(series) == 1 else series))
+            if len(per_filter) == 1:
+                params[p] = per_filter[0][1]
+            else:
+                params[p] = [
+                    ({"filter": f, "value": v} if f is not None else {"value": v})
+                    for f, v in per_filter
+                ]
+        return params
+
+    def _discrete_slices(self, values: np.ndarray) -> list[dict[str, Any]]:
+        table = self._value_table(values)
+        slices = []
+        for g in range(self.num_groups):
+            sources = []
+            for model in self.genome.models:
+                source: dict[str, Any] = {"model": model, "layer_range": list(self.group_layers(g))}
+                if model in self.weighted_models:
+                    source["parameters"] = self._model_parameters(table, [g], model)
+                sources.append(source)
+            base = self.genome.base_model
+            if base is not None and base not in self.genome.models:
+                sources.append({"model": base, "layer_range": list(self.group_layers(g))})
+            slices.append({"sources": sources})
+        return slices
+
+    def _smooth_models(self, values: np.ndarray) -> list[dict[str, Any]]:
+        table = self._value_table(values)
+        groups = list(range(self.num_groups))
+        models = []
+        for model in self.genome.models:
+            entry: dict[str, Any] = {"model": model}
+            if model in self.weighted_models:
+                entry["parameters"] = self._model_parameters(table, groups, model)
+            models.append(entry)
+        base = self.genome.base_model
+        if base is not None and base not in self.genome.models:
+            models.append({"model": base})
+        return models
+
+    def _slerp_slices(self, values: np.ndarray) -> list[dict[str, Any]]:
+        base, other = self.slerp_sources
+        slices = []
+        for g in range(self.num_groups):
+            t = float(values[g])
+            sources: list[dict[str, Any]] = [
+                {"model": base, "layer_range": list(self.group_layers(g))},
+                {"model": other, "layer_range": list(self.group_layers(g))},
+            ]
+            if self.genome.tokenizer_source is not None:
+                # mergekit merges tokenizers by source weight; give it the interpolation weights.
+                sources[0]["parameters"] = {"weight": 1.0 - t}
+                sources[1]["parameters"] = {"weight": t}
+            slices.append({"sources": sources, "parameters": {"t": t}})
+        return slices
+
+    # --- configuration -> vector -----------------------------------------------------------
+    def encode(self, config: dict[str, Any]) -> np.ndarray:
+        """The vector whose decoding is ``config`` (for configurations this space produces)."""
+        if config.get("merge_method") != self.genome.merge_method:
+            raise ValueError(
+                f"configuration uses merge_method {config.get('merge_method')!r}, "
+                f"this search space {self.genome.merge_method!r}"
+            )
+        table: dict[tuple, float] = {}
+        if self.genome.merge_method == "slerp":
+            for g, slice_ in enumerate(config["slices"]):
+                table[(g, None, None, "t")] = float(slice_["parameters"]["t"])
+        elif self.genome.smooth:
+            for entry in config["models"]:
+                if entry["model"] in self.weighted_models:
+                    self._read_parameters(table, list(range(self.num_groups)), entry)
+        else:
+            for g, slice_ in enumerate(config["slices"]):
+                for source in slice_["sources"]:
+                    if source["model"] in self.weighted_models:
+                        self._read_parameters(table, [g], source)
+        return np.array(
+            [table[(c.group, c.model, c.filter, c.parameter)] for c in self.coordinates]
+        )
+
+    def _read_parameters(self, table: dict, groups: list[int], entry: dict[str, Any]) -> None:
+        model = entry["model"]
+        for p, setting in entry["parameters"].items():
+            per_filter = (
+                {item.get("filter"): item["value"] for item in setting}
+                if isinstance(setting, list) and setting and isinstance(setting[0], dict)
+                else {None: setting}
+            )
+            for f, value in per_filter.items():
+                series = value if isinstance(value, list) else [value]
+                for g, v in zip(groups, series):
+                    table[(g, model, f, p)] = float(v)
+
+    def _as_vector(self, x) -> np.ndarray:
+        x = np.asarray(x, dtype=float).reshape(-1)
+        if x.shape != (self.dimension,):
+            raise ValueError(f"expected a vector of {self.dimension} values, got {x.shape[0]}")
+        if not np.all(np.isfinite(x)):
+            raise ValueError("search vector holds a NaN or infinity")
+        return x
+
+
+def _short_labels(models: list[str]) -> dict[str, str]:
+    """Readable, unique names for model references (the folder name where that is unique)."""
+    labels: dict[str, str] = {}
+    for model in dict.fromkeys(models):
+        base = os.path.basename(os.path.normpath(model.split("@")[0])) or model
+        label, n = base, 2
+        while label in labels.values():
+            label, n = f"{base}_{n}", n + 1
+        labels[model] = label
+    return labels
+
+
+def default_popsize(dimension: int) -> int:
+    """pycma's default population size, 4 + floor(3 ln n)."""
+    return 4 + int(3 * math.log(max(dimension, 1)))

@@ -1,0 +1,34 @@
+"""--save-final-model: merge the best configuration into ``final_model/`` at the end."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from evomerge.backends.merger_disk import DiskMerger
+from evomerge.search_session import SearchSession
+
+
+def save_final_model(session: SearchSession) -> str | None:
+    """Merge the best candidate into ``final_model/``; nothing to do when it already holds it.
+    Returns the folder, or None when there is no successful candidate."""
+    best = session.best
+    if best is None:
+        return None
+    store = session.store
+    marker = store.read_json("final_model.json")
+    if marker is not None and marker.get("key") == best.key:
+        return store.path("final_model")
+    merger = DiskMerger(session.spec.options, use_cuda=False)
+    target = store.local_path("final_model")
+    if target is not None:
+        merger.merge(best.merge_config, target)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            merger.merge(best.merge_config, tmp)
+            for root, _, files in os.walk(tmp):
+                for name in files:
+                    local = os.path.join(root, name)
+                    store.fs.put_file(local, store.path("final_model", os.path.relpath(local, tmp)))
+    store.write_json("final_model.json", {"key": best.key, "score": best.score})
+    return store.path("final_model")

@@ -1,0 +1,232 @@
+"""SearchSession: the state of one search on one storage path, between the flow and the store.
+
+The evolve flow owns the loop; this object holds what the loop needs (the optimizer, the records,
+the budget) and writes the outputs. It keeps nothing the store cannot rebuild: started again on
+the same storage path with the same settings, it replays the recorded generations through the
+seeded optimizer (no pickle, nothing re-evaluated) and continues where the store ends.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import yaml
+
+from evomerge.backends.run_store import RunStore
+from evomerge.core.fitness import MissingMetricError, NonFiniteMetricError, too_many_failures, weighted_score
+from evomerge.core.optimizer import CmaOptimizer
+from evomerge.core.records import CandidateRecord, CandidateRequest, EvaluationOutcome
+from evomerge.core.run_spec import RunSpec
+from evomerge.core.search_loop import GenerationPlan, best_record, plan_generation
+
+
+class RunStoppedError(RuntimeError):
+    """The run cannot go on (a configuration error shown by the first evaluation, or a
+    generation in which most candidates failed)."""
+
+
+class StorageMismatchError(RuntimeError):
+    pass
+
+
+class SearchSession:
+    def __init__(self, spec: RunSpec, store: RunStore | None = None):
+        self.spec = spec
+        self.store = store or RunStore(spec.storage_path)
+        self.space = spec.search_space()
+        self.settings = spec.evaluation
+        self._check_or_write_manifest()
+        rng = np.random.default_rng(spec.options.seed)
+        x0 = self.space.initial_point(rng if spec.config.random_init else None)
+        self.optimizer = CmaOptimizer(x0, spec.options.sigma0, spec.options.seed, spec.options.popsize)
+        self.records: dict[str, CandidateRecord] = self.store.read_records()
+        self.started = time.monotonic()
+        self.generations_done = 0
+        self.finished_reason: str | None = None
+        self._best = best_record(self.records)
+
+    # --- budget ----------------------------------------------------------------------------
+    @property
+    def evaluations(self) -> int:
+        return len(self.records)
+
+    @property
+    def budget_left(self) -> int:
+        return max(0, self.spec.options.max_fevals - self.evaluations)
+
+    def should_stop(self) -> str | None:
+        if self.finished_reason:
+            return self.finished_reason
+        if self.budget_left == 0:
+            return f"evaluation budget spent ({self.evaluations} of {self.spec.options.max_fevals})"
+        timeout = self.spec.options.timeout
+        if timeout is not None and time.monotonic() - self.started > timeout:
+            return f"time budget spent ({timeout:.0f} s)"
+        return None
+
+    # --- one generation --------------------------------------------------------------------
+    def next_generation(self) -> GenerationPlan:
+        vectors = self.optimizer.ask()
+        return plan_generation(
+            self.space, self.settings, self.optimizer.generation, vectors,
+            frozenset(self.records), self.budget_left,
+        )
+
+    def record_outcome(
+        self, request: CandidateRequest, outcome: EvaluationOutcome, round_trip: float = 0.0
+    ) -> CandidateRecord:
+        """Store a candidate's result at once (a crash later loses nothing of it)."""
+        if outcome.fatal:
+            raise RunStoppedError(f"stopping at the first evaluation: {outcome.error}")
+        score, status, error = None, outcome.status, outcome.error
+        if status == "ok":
+            try:
+                score = weighted_score(outcome.metrics, self.spec.config.tasks)
+            except MissingMetricError as exc:
+                raise RunStoppedError(f"stopping at the first evaluation: {exc}") from exc
+            except NonFiniteMetricError as exc:
+                status, error = "failed", str(exc)
+        record = CandidateRecord(
+            key=request.key,
+            generation=request.generation,
+            index=request.index,
+            vector=request.vector,
+            parameters=self.space.named_parameters(np.array(request.vector)),
+            merge_config=request.merge_config,
+            status=status,
+            metrics=outcome.metrics,
+            score=score,
+            error=error,
+            timings=outcome.timings.model_copy(update={"round_trip": round_trip}),
+            node=outcome.node,
+            slot=outcome.slot,
+            finished_at=time.time(),
+        )
+        self.store.write_record(record)
+        self.records[record.key] = record
+        if record.status == "ok" and (self._best is None or score > self._best.score):
+            self._best = record
+            self.write_best_config()
+        self.write_summary()
+        return record
+
+    def finish_generation(self, plan: GenerationPlan) -> None:
+        """Tell CMA-ES (when the whole generation has records) and log the generation."""
+        missing = [k for k in dict.fromkeys(plan.keys) if k not in self.records]
+        if not plan.complete or missing:
+            self.finished_reason = (
+                f"evaluation budget spent inside generation {plan.generation} "
+                f"({self.evaluations} of {self.spec.options.max_fevals})"
+            )
+            self.write_summary()
+            return
+        new = [self.records[r.key] for r in plan.to_evaluate]
+        failed = [r for r in new if r.status == "failed"]
+        scores = plan.scores(self.records)
+        self.optimizer.tell(plan.vectors, scores)
+        self.generations_done += 1
+        if new:
+            self.store.write_generation(
+                plan.generation,
+                {
+                    "generation": plan.generation,
+                    "keys": list(plan.keys),
+                    "vectors": plan.vectors.tolist(),
+                    "scores_told": scores,
+                    "sigma_after": self.optimizer.sigma,
+                },
+            )
+        self.write_summary()
+        if too_many_failures(len(failed), len(new), self.spec.options.max_failed_fraction):
+            errors = "\n".join(f"  candidate {r.generation}.{r.index}: {r.error}" for r in failed)
+            self.finished_reason = "too many failures"
+            raise RunStoppedError(
+                f"{len(failed)} of {len(new)} candidates of generation {plan.generation} failed "
+                f"(more than {self.spec.options.max_failed_fraction:.0%}); stopping. Errors:\n{errors}"
+            )
+
+    # --- outputs ---------------------------------------------------------------------------
+    @property
+    def best(self) -> CandidateRecord | None:
+        return self._best
+
+    def write_best_config(self) -> None:
+        if self._best is not None:
+            self.store.write_text("best_config.yaml", best_config_yaml(self._best))
+
+    def summary(self) -> dict[str, Any]:
+        best = self._best
+        ok = [r for r in self.records.values() if r.status == "ok"]
+        timings = {
+            part: float(np.mean([getattr(r.timings, part) for r in ok])) if ok else None
+            for part in ("merge", "load", "evaluate", "total", "round_trip")
+        }
+        return {
+            "storage_path": self.spec.storage_path,
+            "fingerprint": self.spec.fingerprint(),
+            "evaluations": self.evaluations,
+            "max_fevals": self.spec.options.max_fevals,
+            "failed_evaluations": sum(r.status == "failed" for r in self.records.values()),
+            "generations": self.generations_done,
+            "popsize": self.optimizer.popsize,
+            "dimension": self.space.dimension,
+            "best_fitness": best.score if best else None,
+            "best_key": best.key if best else None,
+            "best_generation": best.generation if best else None,
+            "best_metrics": {
+                t.name: {t.metric: best.metrics.get(t.name, {}).get(t.metric)}
+                for t in self.spec.config.tasks
+            } if best else None,
+            "best_parameters": best.parameters if best else None,
+            "mean_seconds_per_candidate": timings,
+            "finished_reason": self.finished_reason,
+            "elapsed_seconds": time.monotonic() - self.started,
+        }
+
+    def write_summary(self) -> None:
+        self.store.write_json("summary.json", self.summary())
+
+    # --- storage path ownership ------------------------------------------------------------
+    def _check_or_write_manifest(self) -> None:
+        fingerprint = self.spec.fingerprint()
+        if not check_storage_path(self.spec, self.store):
+            self.store.write_json(
+                "run.json",
+                {
+                    "fingerprint": fingerprint,
+                    "config": self.spec.config.model_dump(mode="json"),
+                    "options": self.spec.options.model_dump(mode="json"),
+                    "models": self.spec.models.model_dump(mode="json"),
+                    "dimension": self.space.dimension,
+                    "parameter_labels": self.space.labels(),
+                    "created_at": time.time(),
+                },
+            )
+
+
+def check_storage_path(spec: RunSpec, store: RunStore | None = None) -> bool:
+    """Whether the storage path already holds this search; raises if it holds another one."""
+    store = store or RunStore(spec.storage_path)
+    manifest = store.read_json("run.json")
+    if manifest is None:
+        return False
+    fingerprint = spec.fingerprint()
+    if manifest.get("fingerprint") != fingerprint:
+        raise StorageMismatchError(
+            f"storage path {spec.storage_path} holds another search (fingerprint "
+            f"{manifest.get('fingerprint')}, this one {fingerprint}): the config, seed, "
+            "sigma0 or popsize differ. Use a new --storage-path, or the original settings "
+            "to continue that search"
+        )
+    return True
+
+
+def best_config_yaml(record: CandidateRecord) -> str:
+    header = (
+        f"# evomerge best merge: fitness {record.score:.6f} "
+        f"(generation {record.generation}, candidate {record.index}, key {record.key})\n"
+        "# merge it with: mergekit-yaml best_config.yaml OUTPUT_FOLDER\n"
+    )
+    return header + yaml.safe_dump(record.merge_config, sort_keys=False, default_flow_style=None)

@@ -1,0 +1,88 @@
+"""Flow ``evolve``: the CMA-ES loop. Its parameters are the CLI's options, in snake_case.
+
+ask -> plan (dedupe, skip recorded keys, cap by budget) -> generation subflow on Ray -> tell ->
+log the generation -> stop? The loop is here, in the open; every step is a library call.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect_ray import RayTaskRunner
+
+from evomerge.backends.prepare import build_options, check_tasks, prepare_run
+from evomerge.backends.slot_pool import SlotsOnDemand
+from evomerge.core.options import RunOptions
+from evomerge.final_model import save_final_model
+from evomerge.search_session import SearchSession
+from flows.generation import generation
+
+
+@flow(name="evolve", flow_run_name="evolve-{storage_path}", validate_parameters=False)
+def evolve(
+    config: str,
+    storage_path: str,
+    max_fevals: int = 100,
+    vllm: bool = False,
+    strategy: str = "pool",
+    in_memory: bool = False,
+    num_gpus: int | None = None,
+    merge_cuda: bool = True,
+    trust_remote_code: bool = False,
+    allow_crimes: bool = False,
+    seed: int = 0,
+    batch_size: int | None = None,
+    sigma0: float = 1 / 6,
+    wandb: bool = False,
+    wandb_project: str | None = None,
+    wandb_entity: str | None = None,
+    task_search_path: list[str] | None = None,
+    allow_benchmark_tasks: bool = False,
+    save_final_model: bool = True,
+    reshard: bool = True,
+    timeout: float | None = None,
+    load_in_8bit: bool = False,
+    load_in_4bit: bool = False,
+    popsize: int | None = None,
+    ray_address: str | None = None,
+    cpu_slots: int | None = None,
+    max_failed_fraction: float = 0.5,
+    slot_start_timeout: float = 120.0,
+) -> dict[str, Any]:
+    values = dict(locals())
+    values["task_search_path"] = values["task_search_path"] or []
+    options = build_options(**{k: v for k, v in values.items() if k in RunOptions.model_fields})
+    spec = prepare_run(config, storage_path, options)
+    return run_search(spec)
+
+
+def run_search(spec, include_default_tasks: bool | None = None) -> dict[str, Any]:
+    """The loop, for a validated RunSpec (the CLI validates before starting any server)."""
+    logger = get_run_logger()
+    if include_default_tasks is None:
+        include_default_tasks = check_tasks(
+            [t.name for t in spec.config.tasks], spec.options.task_search_path
+        )
+    session = SearchSession(spec)
+    if session.records:
+        logger.info("storage path holds %d records: replaying them", len(session.records))
+    run_generation = generation.with_options(task_runner=RayTaskRunner(address=spec.options.ray_address))
+    with SlotsOnDemand(spec, include_default_tasks) as slots:
+        while (reason := session.should_stop()) is None:
+            plan = session.next_generation()
+            if plan.to_evaluate:
+                run_generation(plan.generation, list(plan.to_evaluate), slots.refs(), session)
+            session.finish_generation(plan)
+            best = session.best
+            logger.info(
+                "generation %d: %d evaluated, %d of %d evaluations spent, best fitness %s",
+                plan.generation, len(plan.to_evaluate), session.evaluations,
+                spec.options.max_fevals, f"{best.score:.4f}" if best else "none",
+            )
+    session.finished_reason = reason
+    session.write_summary()
+    logger.info("search finished: %s", reason)
+    if spec.options.save_final_model and (final := save_final_model(session)):
+        logger.info("best merge saved in %s", final)
+    return session.summary()

@@ -1,0 +1,42 @@
+"""Flow ``generation``: one CMA-ES generation, fanned out over the slots on a RayTaskRunner.
+
+Each candidate is a ``merge-and-evaluate`` task tagged with its strategy, slot and node (visible
+in the Prefect UI); a slot takes the next candidate as soon as it is free. Each result is
+recorded the moment it arrives.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, tags
+from prefect_ray.context import remote_options
+
+from evomerge.backends.dispatch import dispatch_to_slots, wait_for_first
+from evomerge.backends.slot_pool import SlotRef
+from evomerge.core.records import CandidateRecord, CandidateRequest
+from evomerge.search_session import SearchSession
+from tasks.merge_and_evaluate import merge_and_evaluate
+
+
+def _submit(request: CandidateRequest, slot: SlotRef):
+    # The task only waits on its slot's actor, which holds the slot's CPU or GPU: it asks
+    # Ray for no resources of its own.
+    with tags("strategy:pool", f"slot:{slot.name}", f"node:{slot.node}"), remote_options(num_cpus=0):
+        return merge_and_evaluate.with_options(
+            task_run_name=f"candidate-{request.generation}.{request.index}"
+        ).submit(request, slot)
+
+
+@flow(name="generation", flow_run_name="generation-{generation}", validate_parameters=False)
+def generation(
+    generation: int,
+    requests: list[CandidateRequest],
+    slots: list[SlotRef],
+    session: SearchSession,
+) -> list[CandidateRecord]:
+    return dispatch_to_slots(
+        requests,
+        slots,
+        submit=_submit,
+        wait_first=wait_for_first,
+        on_result=session.record_outcome,
+    )

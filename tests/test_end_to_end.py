@@ -1,0 +1,195 @@
+"""The ``evomerge`` command end to end: tiny models, real lm-eval tasks, a real Prefect server,
+a local Ray cluster. These are the checks a user would make of a finished or interrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from conftest import REPO, TASKS_DIR, write_config
+
+pytestmark = pytest.mark.integration
+
+
+def evomerge_command(config: Path, storage: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "evomerge.cli", str(config), "--storage-path", str(storage),
+        "--task-search-path", str(TASKS_DIR), "--cpu-slots", "2", *extra,
+    ]
+
+
+def run_evomerge(config, storage, *extra, env=None, timeout=600):
+    return subprocess.run(
+        evomerge_command(config, storage, *extra), cwd=REPO, env=env or os.environ.copy(),
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def read_records(storage: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((storage / "records").glob("*.json"))]
+
+
+def lm_eval_scores(model_path: Path, limit: int) -> dict[str, float]:
+    """Score a model folder the way a user would check a merge: plain lm-eval."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    out = lm_eval.simple_evaluate(
+        model="hf", model_args={"pretrained": str(model_path), "dtype": "float32"}, device="cpu",
+        tasks=["tiny_shift", "tiny_rev"], batch_size=16, limit=limit, bootstrap_iters=0,
+        task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False),
+    )
+    return {task: out["results"][task]["acc,none"] for task in ("tiny_shift", "tiny_rev")}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_models, tmp_path_factory):
+    """One complete search with the CLI's own private Prefect server (PREFECT_API_URL unset)."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    config = write_config(tmp / "config.yml", tiny_models)
+    storage = tmp / "run"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    started = time.monotonic()
+    result = run_evomerge(config, storage, "--max-fevals", "8", "--popsize", "4", "--seed", "3", env=env)
+    wall = time.monotonic() - started
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return {"config": config, "storage": storage, "result": result, "wall": wall}
+
+
+def test_the_run_spends_exactly_its_budget_and_reports_it(finished_run):
+    storage = finished_run["storage"]
+    summary = json.loads((storage / "summary.json").read_text())
+    records = read_records(storage)
+    assert summary["evaluations"] == 8 == len(records)
+    assert summary["generations"] == 2
+    assert len({r["key"] for r in records}) == 8
+    assert "evaluations spent : 8 of 8" in finished_run["result"].stdout
+    assert "Prefect UI at http://127.0.0.1:" in finished_run["result"].stdout
+
+
+def test_every_record_holds_what_a_user_needs(finished_run):
+    records = read_records(finished_run["storage"])
+    for r in records:
+        assert r["status"] == "ok", r["error"]
+        metrics = {t: r["metrics"][t]["acc,none"] for t in ("tiny_shift", "tiny_rev")}
+        assert r["score"] == pytest.approx(sum(metrics.values()))
+        assert len(r["vector"]) == 4 and len(r["parameters"]) == 4
+        assert r["merge_config"]["merge_method"] == "task_arithmetic"
+        t = r["timings"]
+        assert t["merge"] > 0 and t["load"] > 0 and t["evaluate"] > 0 and t["total"] >= t["merge"] + t["evaluate"]
+        assert r["slot"] in {"slot-0", "slot-1"} and r["node"]
+    assert {r["slot"] for r in records} == {"slot-0", "slot-1"}, "both slots did work"
+    assert sorted((r["generation"], r["index"]) for r in records) == [(g, i) for g in (0, 1) for i in range(4)]
+
+
+def test_best_config_is_the_best_record_and_mergekit_reproduces_its_score(finished_run, tmp_path):
+    storage = finished_run["storage"]
+    records = read_records(storage)
+    best = max(records, key=lambda r: r["score"])
+    summary = json.loads((storage / "summary.json").read_text())
+    assert summary["best_fitness"] == best["score"]
+    assert summary["best_metrics"]["tiny_rev"]["acc,none"] == best["metrics"]["tiny_rev"]["acc,none"]
+    config = yaml.safe_load((storage / "best_config.yaml").read_text())
+    assert config == best["merge_config"]
+
+    out = tmp_path / "merged"
+    mergekit = Path(sys.executable).with_name("mergekit-yaml")
+    done = subprocess.run([str(mergekit), str(storage / "best_config.yaml"), str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    scores = lm_eval_scores(out, limit=24)
+    assert scores == {t: best["metrics"][t]["acc,none"] for t in ("tiny_shift", "tiny_rev")}
+    # --save-final-model (upstream default) merged the same config
+    assert (storage / "final_model" / "config.json").exists()
+
+
+def test_scratch_merges_are_deleted(finished_run):
+    merged = finished_run["storage"] / "merged"
+    assert not merged.exists() or not any(merged.iterdir())
+
+
+def test_generation_logs_hold_the_told_scores(finished_run):
+    storage = finished_run["storage"]
+    records = {r["key"]: r for r in read_records(storage)}
+    for n in (0, 1):
+        log = json.loads((storage / "generations" / f"{n:05d}.json").read_text())
+        assert log["scores_told"] == [records[k]["score"] for k in log["keys"]]
+
+
+def test_same_command_again_continues_without_reevaluating(finished_run):
+    """A finished run started again spends nothing: every key already has a record."""
+    storage = finished_run["storage"]
+    before = {p.name: p.stat().st_mtime_ns for p in (storage / "records").iterdir()}
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    result = run_evomerge(finished_run["config"], storage, "--max-fevals", "8", "--popsize", "4", "--seed", "3", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    after = {p.name: p.stat().st_mtime_ns for p in (storage / "records").iterdir()}
+    assert after == before
+
+
+def test_another_search_on_the_same_path_is_refused(finished_run):
+    result = run_evomerge(finished_run["config"], finished_run["storage"], "--max-fevals", "8", "--seed", "4")
+    assert result.returncode == 2, "refused before any work, like other bad input"
+    assert "Prefect" not in result.stdout
+    assert "holds another search" in result.stderr and "Use a new --storage-path" in result.stderr
+
+
+def test_ctrl_c_stops_within_seconds_and_the_same_command_finishes_the_run(tiny_models, tmp_path, prefect_api):
+    config = write_config(tmp_path / "config.yml", tiny_models)
+    storage = tmp_path / "run"
+    env = dict(os.environ, PREFECT_API_URL=prefect_api)
+    args = ("--max-fevals", "8", "--popsize", "4", "--seed", "5")
+    process = subprocess.Popen(
+        evomerge_command(config, storage, *args), cwd=REPO, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(list((storage / "records").glob("*.json"))) < 2:
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    interrupted = time.monotonic()
+    out, err = process.communicate(timeout=60)
+    stop_seconds = time.monotonic() - interrupted
+    assert process.returncode == 130, err[-3000:]
+    assert stop_seconds < 30, f"Ctrl-C took {stop_seconds:.1f} s"
+    assert "run the same command again to continue" in err
+    kept = read_records(storage)
+    assert 2 <= len(kept) < 8
+    assert yaml.safe_load((storage / "best_config.yaml").read_text())["merge_method"] == "task_arithmetic"
+
+    result = run_evomerge(config, storage, *args, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_records(storage)
+    assert len(records) == 8 == json.loads((storage / "summary.json").read_text())["evaluations"]
+    by_key = {r["key"]: r for r in records}
+    assert all(by_key[r["key"]] == r for r in kept), "records from before Ctrl-C are untouched"
+
+    # The Prefect server shows one subflow per generation, named by its number, and the
+    # candidates' placement tags.
+    with httpx.Client(base_url=prefect_api, timeout=30) as client:
+        flow_runs = client.post("/flow_runs/filter", json={"limit": 200}).json()
+        names = {fr["name"] for fr in flow_runs}
+        assert {"generation-0", "generation-1"} <= names
+        task_runs = client.post("/task_runs/filter", json={"limit": 200}).json()
+        tags = {tag for tr in task_runs for tag in tr["tags"]}
+        assert {"strategy:pool", "slot:slot-0", "slot:slot-1"} <= tags
+
+
+def test_a_metric_no_task_produces_stops_at_the_first_evaluation(tiny_models, tmp_path, prefect_api):
+    config = write_config(tmp_path / "config.yml", tiny_models, tasks=[{"name": "tiny_rev", "metric": "f1,none"}])
+    env = dict(os.environ, PREFECT_API_URL=prefect_api)
+    started = time.monotonic()
+    result = run_evomerge(config, tmp_path / "run", "--max-fevals", "8", "--popsize", "4", env=env)
+    assert result.returncode == 1
+    assert "task 'tiny_rev' does not produce metric 'f1,none'; it produces acc,none" in result.stderr
+    assert read_records(tmp_path / "run") == []
+    assert not (tmp_path / "run" / "generations").exists(), "no generation was spent"

@@ -1,0 +1,59 @@
+"""SlotWorker without Ray: a real mergekit merge and a real lm-eval run; failures are data."""
+
+import numpy as np
+import pytest
+
+from conftest import TASKS_DIR, write_config
+from evomerge.backends.prepare import build_options, prepare_run
+from evomerge.backends.slot_worker import SlotWorker
+from evomerge.core.records import CandidateRequest, candidate_key
+
+
+@pytest.fixture(scope="module")
+def worker_and_spec(tiny_models, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("worker")
+    config = write_config(tmp / "c.yml", tiny_models, limit=16)
+    spec = prepare_run(str(config), str(tmp / "store"), build_options(task_search_path=[str(TASKS_DIR)]))
+    return SlotWorker(spec, "slot-test", include_default_tasks=False), spec
+
+
+def request_for(spec, x, index=0):
+    config = spec.search_space().decode(np.asarray(x))
+    return CandidateRequest(
+        key=candidate_key(config, spec.evaluation), generation=0, index=index, vector=list(x), merge_config=config
+    )
+
+
+def test_a_candidate_is_merged_scored_and_cleaned_up(worker_and_spec):
+    worker, spec = worker_and_spec
+    outcome = worker.run(request_for(spec, [0.5, 0.5, 0.5, 0.5]))
+    assert outcome.status == "ok", outcome.error
+    assert set(outcome.metrics) == {"tiny_shift", "tiny_rev"}
+    assert 0.0 <= outcome.metrics["tiny_rev"]["acc,none"] <= 1.0
+    assert outcome.timings.merge > 0 and outcome.timings.load > 0 and outcome.timings.evaluate > 0
+    assert outcome.slot == "slot-test"
+    assert not list((worker.store.root and __import__("pathlib").Path(worker.store.root) / "merged").glob("*"))
+
+
+def test_scoring_is_repeatable_with_reused_task_objects(worker_and_spec):
+    worker, spec = worker_and_spec
+    first = worker.run(request_for(spec, [0.3, 0.9, 0.1, 0.6]))
+    second = worker.run(request_for(spec, [0.3, 0.9, 0.1, 0.6]))
+    assert first.metrics == second.metrics
+
+
+def test_a_broken_candidate_fails_without_raising(worker_and_spec):
+    worker, spec = worker_and_spec
+    request = request_for(spec, [0.5, 0.5, 0.5, 0.5])
+    broken = dict(request.merge_config, base_model="/nonexistent/model")
+    outcome = worker.run(request.model_copy(update={"merge_config": broken}))
+    assert outcome.status == "failed" and not outcome.fatal
+    assert outcome.error
+
+
+def test_a_metric_no_task_produces_is_fatal(tiny_models, tmp_path):
+    config = write_config(tmp_path / "c.yml", tiny_models, limit=4, tasks=[{"name": "tiny_rev", "metric": "exact_match,none"}])
+    spec = prepare_run(str(config), str(tmp_path / "s"), build_options(task_search_path=[str(TASKS_DIR)]))
+    outcome = SlotWorker(spec, "s", include_default_tasks=False).run(request_for(spec, [0.5] * 4))
+    assert outcome.fatal
+    assert "task 'tiny_rev' does not produce metric 'exact_match,none'; it produces acc,none" in outcome.error

@@ -1,0 +1,88 @@
+"""Bad input is refused before any work starts, with a message naming what and how to fix it."""
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import TASKS_DIR, write_config
+from evomerge.cli import main
+
+
+def run_cli(config, storage, *extra):
+    return CliRunner().invoke(
+        main, [str(config), "--storage-path", str(storage), "--task-search-path", str(TASKS_DIR), *extra]
+    )
+
+
+def assert_refused(result, *fragments, storage=None):
+    assert result.exit_code == 2, result.output
+    for fragment in fragments:
+        assert fragment in result.output, result.output
+    if storage is not None:
+        assert not storage.exists(), "nothing may be written before validation passes"
+
+
+def test_missing_model_folder(tmp_path, tiny_models):
+    models = dict(tiny_models, rev_expert=tmp_path / "nope")
+    config = write_config(tmp_path / "c.yml", models)
+    assert_refused(run_cli(config, tmp_path / "s"), f"model '{tmp_path / 'nope'}' does not exist", storage=tmp_path / "s")
+
+
+def test_model_folder_without_config(tmp_path, tiny_models):
+    empty = tmp_path / "empty_model"
+    empty.mkdir()
+    config = write_config(tmp_path / "c.yml", dict(tiny_models, rev_expert=empty))
+    assert_refused(run_cli(config, tmp_path / "s"), "has no config.json")
+
+
+def _copy_with_config(src, dst, **changes):
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(changes)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_models_of_different_architectures(tmp_path, tiny_models):
+    other = _copy_with_config(tiny_models["rev_expert"], tmp_path / "m", architectures=["MistralForCausalLM"])
+    config = write_config(tmp_path / "c.yml", dict(tiny_models, rev_expert=other))
+    assert_refused(run_cli(config, tmp_path / "s"), "is a MistralForCausalLM but", "share one architecture")
+
+
+def test_models_with_different_layer_counts(tmp_path, tiny_models):
+    other = _copy_with_config(tiny_models["rev_expert"], tmp_path / "m", num_hidden_layers=7)
+    config = write_config(tmp_path / "c.yml", dict(tiny_models, rev_expert=other))
+    assert_refused(run_cli(config, tmp_path / "s"), "has 7 layers but", "same number of layers")
+
+
+def test_granularity_that_does_not_divide_layers(tmp_path, tiny_models):
+    config = write_config(tmp_path / "c.yml", tiny_models, genome={"layer_granularity": 3})
+    assert_refused(run_cli(config, tmp_path / "s"), "layer_granularity 3 does not divide", "use 0 (one group) or one of")
+
+
+def test_unknown_task_names_the_search_paths(tmp_path, tiny_models):
+    config = write_config(tmp_path / "c.yml", tiny_models, tasks=[{"name": "tiny_revv"}])
+    result = run_cli(config, tmp_path / "s")
+    assert_refused(result, "cannot find task 'tiny_revv'", "did you mean tiny_rev", str(TASKS_DIR), "built-in tasks")
+
+
+def test_unknown_method_and_missing_base(tmp_path, tiny_models):
+    config = write_config(tmp_path / "c.yml", tiny_models, genome={"merge_method": "magic"})
+    assert_refused(run_cli(config, tmp_path / "s"), "genome.merge_method: unknown merge method 'magic'")
+    config = write_config(tmp_path / "d.yml", tiny_models, genome={"merge_method": "ties", "base_model": None})
+    assert_refused(run_cli(config, tmp_path / "s"), "needs genome.base_model")
+
+
+def test_no_tasks_and_bad_yaml(tmp_path, tiny_models):
+    config = write_config(tmp_path / "c.yml", tiny_models, tasks=[])
+    assert_refused(run_cli(config, tmp_path / "s"), "add at least one lm-eval task")
+    bad = tmp_path / "bad.yml"
+    bad.write_text("genome: [unclosed\n")
+    assert_refused(run_cli(bad, tmp_path / "s"), "is not valid YAML")
+
+
+def test_benchmark_task_needs_upstreams_flag(tmp_path, tiny_models):
+    config = write_config(tmp_path / "c.yml", tiny_models, tasks=[{"name": "gsm8k"}])
+    assert_refused(run_cli(config, tmp_path / "s"), "is a public benchmark", "--i-understand-the-depths")
