@@ -119,6 +119,7 @@ def _show_library_logs() -> None:
     logger = logging.getLogger("evomerge")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 def _flush_prefect_logs() -> None:

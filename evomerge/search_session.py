@@ -9,6 +9,7 @@ seeded optimizer (no pickle, nothing re-evaluated) and continues where the store
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,14 @@ class StorageMismatchError(RuntimeError):
 
 
 class SearchSession:
+    # Sessions of this process by id. The generation subflow runs in the evolve flow's process
+    # and finds its session here: passed as a flow parameter, the session (records, optimizer,
+    # storage client) would be serialized into every task's context by Prefect.
+    _active: dict[str, SearchSession] = {}
+
     def __init__(self, spec: RunSpec, store: RunStore | None = None):
+        self.id = uuid.uuid4().hex
+        SearchSession._active[self.id] = self
         self.spec = spec
         self.store = store or RunStore(spec.storage_path)
         self.space = spec.search_space()
@@ -46,6 +54,13 @@ class SearchSession:
         self.generations_done = 0
         self.finished_reason: str | None = None
         self._best = best_record(self.records)
+
+    @classmethod
+    def active(cls, session_id: str) -> SearchSession:
+        return cls._active[session_id]
+
+    def close(self) -> None:
+        SearchSession._active.pop(self.id, None)
 
     # --- budget ----------------------------------------------------------------------------
     @property

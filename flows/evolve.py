@@ -59,12 +59,19 @@ def evolve(
 
 def run_search(spec, include_default_tasks: bool | None = None) -> dict[str, Any]:
     """The loop, for a validated RunSpec (the CLI validates before starting any server)."""
-    logger = get_run_logger()
     if include_default_tasks is None:
         include_default_tasks = check_tasks(
             [t.name for t in spec.config.tasks], spec.options.task_search_path
         )
     session = SearchSession(spec)
+    try:
+        return _search_loop(spec, session, include_default_tasks)
+    finally:
+        session.close()
+
+
+def _search_loop(spec, session, include_default_tasks: bool) -> dict[str, Any]:
+    logger = get_run_logger()
     if session.records:
         logger.info("storage path holds %d records: replaying them", len(session.records))
     run_generation = generation.with_options(task_runner=RayTaskRunner(address=spec.options.ray_address))
@@ -72,7 +79,7 @@ def run_search(spec, include_default_tasks: bool | None = None) -> dict[str, Any
         while (reason := session.should_stop()) is None:
             plan = session.next_generation()
             if plan.to_evaluate:
-                run_generation(plan.generation, list(plan.to_evaluate), slots.refs(), session)
+                run_generation(plan.generation, list(plan.to_evaluate), slots.refs(), session.id)
             session.finish_generation(plan)
             best = session.best
             logger.info(

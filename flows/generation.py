@@ -26,17 +26,17 @@ def _submit(request: CandidateRequest, slot: SlotRef):
         ).submit(request, slot)
 
 
-@flow(name="generation", flow_run_name="generation-{generation}", validate_parameters=False)
+@flow(name="generation", flow_run_name="generation-{generation}")
 def generation(
     generation: int,
     requests: list[CandidateRequest],
     slots: list[SlotRef],
-    session: SearchSession,
+    session_id: str,
 ) -> list[CandidateRecord]:
     return dispatch_to_slots(
         requests,
         slots,
         submit=_submit,
         wait_first=wait_for_first,
-        on_result=session.record_outcome,
+        on_result=SearchSession.active(session_id).record_outcome,
     )

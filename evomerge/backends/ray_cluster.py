@@ -19,7 +19,15 @@ def connect_ray(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     env_vars = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
-    kwargs = {"include_dashboard": False} if address is None else {}
+    kwargs = {}
+    if address is None:
+        kwargs["include_dashboard"] = False
+        # Prefect tasks run in Ray worker processes that ask for no CPU (the slot actors hold
+        # them all). Ray kills idle workers above its soft limit (the CPU count) after 1 s, and a
+        # new worker spends seconds importing Prefect: measured here, up to 9 s of a 2 s
+        # candidate. Keep idle workers for the run instead. (On an existing cluster, set
+        # RAY_idle_worker_killing_time_threshold_ms where the cluster is started.)
+        kwargs["_system_config"] = {"idle_worker_killing_time_threshold_ms": 3_600_000}
     ray.init(
         address=address or "local",  # "local": never attach to somebody else's cluster
         runtime_env={"env_vars": env_vars} if env_vars else None,

@@ -9,6 +9,7 @@ resources in the message.
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from dataclasses import dataclass
 
@@ -88,6 +89,11 @@ def start_slots(spec: RunSpec, include_default_tasks: bool) -> SlotPool:
         actors.append(actor)
         refs.append(SlotRef(name, actor_name, namespace))
     pool = SlotPool(refs, actors)
+    # Prefect tasks run in Ray worker processes; a fresh worker spends seconds importing Prefect.
+    # Warm one per slot while the actors start, so the first generation does not pay for it
+    # (Ray reuses idle workers for later tasks of the run).
+    warm = ray.remote(num_cpus=0)(_import_task_dependencies)
+    warming = [warm.remote() for _ in range(count)]
     ready, not_ready = ray.wait(
         [a.describe.remote() for a in actors], num_returns=count, timeout=spec.options.slot_start_timeout
     )
@@ -100,6 +106,7 @@ def start_slots(spec: RunSpec, include_default_tasks: bool) -> SlotPool:
         )
     try:
         described = ray.get(ready)  # raises if a slot failed to start (e.g. bad task files)
+        ray.get(warming, timeout=spec.options.slot_start_timeout)
     except Exception:
         pool.stop()
         raise
@@ -109,6 +116,13 @@ def start_slots(spec: RunSpec, include_default_tasks: bool) -> SlotPool:
         for r in refs
     ]
     return pool
+
+
+def _import_task_dependencies() -> int:
+    import prefect  # noqa: F401
+    import prefect_ray  # noqa: F401
+
+    return os.getpid()
 
 
 class SlotsOnDemand:

@@ -58,10 +58,10 @@ def _load_data_module():
 data = _load_data_module()
 
 # Full and quick training schedules.  Steps are optimizer steps of `batch` sequences.
-# The base trains on `base_mix` (skill probabilities; rebalanced toward the weaker skill
+# The base trains on `base_mix` (skill probabilities, rebalanced toward the weaker skill
 # at each probe) until its mean probe accuracy reaches `base_target` (at most
-# `base_max_steps`); each expert then trains
-# `expert_steps` on its skill, with a `replay` share of the other skill.
+# `base_max_steps` steps); each expert then trains `expert_steps` steps on its own
+# skill, with a `replay` share of the other skill (less forgetting, better merges).
 FULL = dict(
     base_max_steps=300, base_target=0.67, expert_steps=80, batch=64, base_lr=3e-3,
     expert_lr=2e-3, base_mix={"shift": 0.3, "rev": 0.7}, replay=0.05,
@@ -134,8 +134,9 @@ def train_tokenizer(seed: int = 0):
 class Batcher:
     """Random training sequences ``<prompt><answer></s>`` with loss on answer + eos only.
 
-    No BOS is prepended: lm-eval's HF backend does not add one for this tokenizer, so
-    training and scoring see the same token sequences.
+    No BOS is prepended: the tokenizer has no post-processor, so ``encode`` (and hence
+    lm-eval's HF backend, with its default ``add_bos_token``) adds no special tokens,
+    and training and scoring see the same token sequences.
     """
 
     def __init__(self, tokenizer, seed: int):
@@ -189,7 +190,7 @@ class Probe:
     strings outside the held-out split.
     """
 
-    def __init__(self, batcher: Batcher, seed: int, n: int = 64):
+    def __init__(self, batcher: Batcher, seed: int, n: int = 48):
         rng = random.Random(f"probe-{seed}")
         self.batches = {}
         for skill in data.SKILLS:
@@ -236,11 +237,13 @@ def _train(
     params,
     until=None,
     check_every: int = 10,
+    check_from: int = 50,
 ) -> tuple[int, float]:
     """AdamW with linear warmup.  Without ``until``: linear decay over ``steps``.
 
     With ``until`` (a predicate on the model): constant rate after warmup, checked every
-    ``check_every`` steps; training stops as soon as it holds, or after ``steps``.
+    ``check_every`` steps from step ``check_from`` on; training stops as soon as it
+    holds, or after ``steps``.
     Returns (steps taken, last batch loss).
     """
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
@@ -263,7 +266,7 @@ def _train(
         opt.step()
         sched.step()
         step += 1
-        if until is not None and step % check_every == 0 and until(model):
+        if until is not None and step >= check_from and step % check_every == 0 and until(model):
             break
     model.eval()
     return step, float(loss.detach())
