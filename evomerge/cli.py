@@ -125,11 +125,13 @@ def _show_library_logs() -> None:
 def _flush_prefect_logs() -> None:
     """Send buffered run logs to the server before it stops (else they are lost, noisily)."""
     try:
-        from prefect.logging.handlers import APILogHandler
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
 
-        APILogHandler.flush()
-    except Exception:
-        pass
+        APILogWorker.drain_all(timeout=10)
+        EventsWorker.drain_all(timeout=10)
+    except Exception as exc:  # never let log shipping hide the run's own outcome
+        click.echo(f"evomerge: could not flush logs to the Prefect server ({exc})", err=True)
 
 
 def _stop_on_sigterm() -> None:
