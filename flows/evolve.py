@@ -11,9 +11,10 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect_ray import RayTaskRunner
 
-from evomerge.backends.prepare import build_options, check_tasks, prepare_run
+from evomerge.backends.prepare import build_options, prepare_run
 from evomerge.backends.slot_pool import SlotsOnDemand
 from evomerge.core.options import RunOptions
+from evomerge.core.run_spec import RunSpec
 from evomerge.final_model import save_final_model
 from evomerge.search_session import SearchSession
 from flows.generation import generation
@@ -57,25 +58,21 @@ def evolve(
     return run_search(spec)
 
 
-def run_search(spec, include_default_tasks: bool | None = None) -> dict[str, Any]:
-    """The loop, for a validated RunSpec (the CLI validates before starting any server)."""
-    if include_default_tasks is None:
-        include_default_tasks = check_tasks(
-            [t.name for t in spec.config.tasks], spec.options.task_search_path
-        )
+def run_search(spec: RunSpec) -> dict[str, Any]:
+    """The loop, for a validated RunSpec."""
     session = SearchSession(spec)
     try:
-        return _search_loop(spec, session, include_default_tasks)
+        return _search_loop(spec, session)
     finally:
         session.close()
 
 
-def _search_loop(spec, session, include_default_tasks: bool) -> dict[str, Any]:
+def _search_loop(spec: RunSpec, session: SearchSession) -> dict[str, Any]:
     logger = get_run_logger()
     if session.records:
         logger.info("storage path holds %d records: replaying them", len(session.records))
     run_generation = generation.with_options(task_runner=RayTaskRunner(address=spec.options.ray_address))
-    with SlotsOnDemand(spec, include_default_tasks) as slots:
+    with SlotsOnDemand(spec) as slots:
         while (reason := session.should_stop()) is None:
             plan = session.next_generation()
             if plan.to_evaluate:

@@ -1,5 +1,7 @@
 """SlotWorker without Ray: a real mergekit merge and a real lm-eval run; failures are data."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -14,7 +16,7 @@ def worker_and_spec(tiny_models, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("worker")
     config = write_config(tmp / "c.yml", tiny_models, limit=16)
     spec = prepare_run(str(config), str(tmp / "store"), build_options(task_search_path=[str(TASKS_DIR)]))
-    return SlotWorker(spec, "slot-test", include_default_tasks=False), spec
+    return SlotWorker(spec, "slot-test"), spec
 
 
 def request_for(spec, x, index=0):
@@ -32,7 +34,7 @@ def test_a_candidate_is_merged_scored_and_cleaned_up(worker_and_spec):
     assert 0.0 <= outcome.metrics["tiny_rev"]["acc,none"] <= 1.0
     assert outcome.timings.merge > 0 and outcome.timings.load > 0 and outcome.timings.evaluate > 0
     assert outcome.slot == "slot-test"
-    assert not list((worker.store.root and __import__("pathlib").Path(worker.store.root) / "merged").glob("*"))
+    assert not list((Path(worker.store.root) / "merged").glob("*")), "the merged folder is deleted"
 
 
 def test_scoring_is_repeatable_with_reused_task_objects(worker_and_spec):
@@ -54,6 +56,6 @@ def test_a_broken_candidate_fails_without_raising(worker_and_spec):
 def test_a_metric_no_task_produces_is_fatal(tiny_models, tmp_path):
     config = write_config(tmp_path / "c.yml", tiny_models, limit=4, tasks=[{"name": "tiny_rev", "metric": "exact_match,none"}])
     spec = prepare_run(str(config), str(tmp_path / "s"), build_options(task_search_path=[str(TASKS_DIR)]))
-    outcome = SlotWorker(spec, "s", include_default_tasks=False).run(request_for(spec, [0.5] * 4))
+    outcome = SlotWorker(spec, "s").run(request_for(spec, [0.5] * 4))
     assert outcome.fatal
     assert "task 'tiny_rev' does not produce metric 'exact_match,none'; it produces acc,none" in outcome.error

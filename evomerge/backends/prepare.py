@@ -200,14 +200,16 @@ def prepare_run(
         raise ConfigurationError(f"{config_path}: {exc}") from exc
     search_paths = [os.path.abspath(p) for p in options.task_search_path]
     options = options.model_copy(update={"task_search_path": search_paths})
+    include_default_tasks = True
     if check_task_names:
-        check_tasks([t.name for t in config.tasks], search_paths)
+        include_default_tasks = check_tasks([t.name for t in config.tasks], search_paths)
     return RunSpec(
         config=config,
         options=options,
         storage_path=_normalize_storage_path(storage_path),
         models=models,
         working_dir=os.getcwd(),
+        include_default_tasks=include_default_tasks,
     )
 
 

@@ -67,7 +67,7 @@ class SlotPool:
         self._handles = []
 
 
-def start_slots(spec: RunSpec, include_default_tasks: bool) -> SlotPool:
+def start_slots(spec: RunSpec) -> SlotPool:
     import ray
 
     from evomerge.backends.slot_worker import SlotWorker
@@ -85,7 +85,7 @@ def start_slots(spec: RunSpec, include_default_tasks: bool) -> SlotPool:
             max_concurrency=1,
             max_restarts=0,
             **actor_options,
-        ).remote(spec, name, include_default_tasks, threads=actor_options.get("num_cpus", 1))
+        ).remote(spec, name, threads=actor_options.get("num_cpus", 1))
         actors.append(actor)
         refs.append(SlotRef(name, actor_name, namespace))
     pool = SlotPool(refs, actors)
@@ -131,9 +131,8 @@ class SlotsOnDemand:
     A run started again on a finished or mostly replayed storage path then costs no cluster.
     """
 
-    def __init__(self, spec: RunSpec, include_default_tasks: bool):
+    def __init__(self, spec: RunSpec):
         self.spec = spec
-        self.include_default_tasks = include_default_tasks
         self._pool: SlotPool | None = None
         self._started_ray = False
 
@@ -142,7 +141,7 @@ class SlotsOnDemand:
             from evomerge.backends.ray_cluster import connect_ray
 
             self._started_ray = connect_ray(self.spec.options.ray_address)
-            self._pool = start_slots(self.spec, self.include_default_tasks)
+            self._pool = start_slots(self.spec)
             logging.getLogger("evomerge").info(
                 "%d evaluation slots: %s", len(self._pool.refs),
                 ", ".join(f"{r.name}@{r.node}" for r in self._pool.refs),

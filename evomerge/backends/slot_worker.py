@@ -23,7 +23,7 @@ from evomerge.core.run_spec import RunSpec
 
 
 class SlotWorker:
-    def __init__(self, spec: RunSpec, slot: str, include_default_tasks: bool, threads: int = 1):
+    def __init__(self, spec: RunSpec, slot: str, threads: int = 1):
         import torch
 
         os.chdir(spec.working_dir)  # lm-eval resolves relative data_files against the cwd
@@ -38,7 +38,7 @@ class SlotWorker:
         self.evaluator = HFEvaluator(
             spec.evaluation,
             spec.options.task_search_path,
-            include_default_tasks,
+            spec.include_default_tasks,
             device="cuda" if use_cuda else "cpu",
             # Upstream passes None (lm-eval's 1). On a GPU, "auto" finds the largest batch that
             # fits; on a CPU, 16 keeps a small model's evaluation from being all overhead.

@@ -41,6 +41,9 @@ class RunSpec(BaseModel):
     # The driver's current directory: lm-eval resolves relative data_files against the cwd, so
     # every slot works from here (a path every node sees, on a cluster).
     working_dir: str = "."
+    # Whether some task is one of lm-eval's built-in ones: if not, every slot skips indexing
+    # the thousands of built-in task files.
+    include_default_tasks: bool = True
 
     @property
     def evaluation(self) -> EvaluationSettings:

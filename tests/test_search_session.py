@@ -1,0 +1,113 @@
+"""SearchSession without Prefect or Ray: recording, failure policy, stopping, replay."""
+
+import json
+
+import numpy as np
+import pytest
+
+from evomerge.core.config import EvolveConfig
+from evomerge.core.options import RunOptions
+from evomerge.core.records import EvaluationOutcome, Timings
+from evomerge.core.run_spec import ModelFacts, RunSpec
+from evomerge.search_session import RunStoppedError, SearchSession, StorageMismatchError
+
+
+def make_spec(storage, **options):
+    config = EvolveConfig.model_validate(
+        {"genome": {"models": ["/m/a", "/m/b"], "merge_method": "linear", "layer_granularity": 1},
+         "tasks": ["t1", {"name": "t2", "weight": 2.0}]}
+    )
+    return RunSpec(
+        config=config, options=RunOptions(popsize=4, **options), storage_path=str(storage),
+        models=ModelFacts(architecture="LlamaForCausalLM", num_layers=2, dtype="float32"),
+    )
+
+
+def fake_score(vector):
+    """A deterministic stand-in for lm-eval: peaks at weights (0.2, 0.8) per group."""
+    v = np.abs(vector)
+    return 1 - float(((v - np.tile([0.2, 0.8], 2)) ** 2).sum())
+
+
+def outcome(vector, fail=False):
+    if fail:
+        return EvaluationOutcome(status="failed", error="ValueError: merge exploded", node="n", slot="s0")
+    s = fake_score(np.array(vector))
+    return EvaluationOutcome(
+        status="ok", metrics={"t1": {"acc,none": s / 3}, "t2": {"acc,none": s / 3}},
+        timings=Timings(merge=0.1, load=0.1, evaluate=0.5, total=0.8), node="n", slot="s0",
+    )
+
+
+def run(session, fail_when=lambda request: False):
+    while session.should_stop() is None:
+        plan = session.next_generation()
+        for request in plan.to_evaluate:
+            session.record_outcome(request, outcome(request.vector, fail_when(request)), round_trip=1.0)
+        session.finish_generation(plan)
+    return session
+
+
+def test_budget_records_summary_and_best_config(tmp_path):
+    session = run(SearchSession(make_spec(tmp_path, max_fevals=10, seed=1)))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["evaluations"] == 10 == len(list((tmp_path / "records").iterdir()))
+    assert summary["generations"] == 2  # 4 + 4 told, the third generation cut after 2
+    assert "inside generation 2" in summary["finished_reason"]
+    best = max(session.records.values(), key=lambda r: r.score)
+    assert summary["best_fitness"] == best.score
+    assert f"key {best.key}" in (tmp_path / "best_config.yaml").read_text()
+    assert summary["mean_seconds_per_candidate"]["round_trip"] == 1.0
+
+
+def test_starting_again_replays_without_evaluating_and_continues_identically(tmp_path):
+    straight = run(SearchSession(make_spec(tmp_path / "a", max_fevals=16, seed=2)))
+    half = run(SearchSession(make_spec(tmp_path / "b", max_fevals=8, seed=2)))
+    resumed = SearchSession(make_spec(tmp_path / "b", max_fevals=16, seed=2))
+    evaluated_again = []
+    original = resumed.record_outcome
+    resumed.record_outcome = lambda req, out, round_trip=0.0: (evaluated_again.append(req.key), original(req, out, round_trip))[1]
+    run(resumed)
+    assert not set(evaluated_again) & set(half.records), "a recorded key was evaluated again"
+    assert sorted(resumed.records) == sorted(straight.records)
+    assert resumed.best.key == straight.best.key
+    assert np.array_equal(resumed.optimizer.mean, straight.optimizer.mean)
+
+
+def test_failed_candidates_are_recorded_and_ranked_last(tmp_path):
+    session = run(SearchSession(make_spec(tmp_path, max_fevals=8, seed=3)), fail_when=lambda r: r.index == 1)
+    failed = [r for r in session.records.values() if r.status == "failed"]
+    assert len(failed) == 2 and all(r.error == "ValueError: merge exploded" and r.score is None for r in failed)
+    log = json.loads((tmp_path / "generations" / "00000.json").read_text())
+    ok_scores = [s for k, s in zip(log["keys"], log["scores_told"]) if session.records[k].status == "ok"]
+    assert log["scores_told"][1] == pytest.approx(min(ok_scores) - 1.0)
+
+
+def test_a_generation_where_most_candidates_fail_stops_with_the_errors(tmp_path):
+    with pytest.raises(RunStoppedError, match=r"3 of 4 candidates of generation 0 failed[\s\S]*merge exploded"):
+        run(SearchSession(make_spec(tmp_path, max_fevals=8)), fail_when=lambda r: r.index != 0)
+    assert len(list((tmp_path / "records").iterdir())) == 4, "the failures are recorded before stopping"
+
+
+def test_a_fatal_outcome_stops_before_recording(tmp_path):
+    session = SearchSession(make_spec(tmp_path, max_fevals=8))
+    request = session.next_generation().to_evaluate[0]
+    with pytest.raises(RunStoppedError, match="does not produce"):
+        session.record_outcome(request, EvaluationOutcome(status="failed", fatal=True, error="task 't1' does not produce metric 'x'"))
+    assert not (tmp_path / "records").exists()
+
+
+def test_nan_metric_is_a_failed_candidate(tmp_path):
+    session = SearchSession(make_spec(tmp_path, max_fevals=8))
+    request = session.next_generation().to_evaluate[0]
+    record = session.record_outcome(
+        request, EvaluationOutcome(status="ok", metrics={"t1": {"acc,none": float("nan")}, "t2": {"acc,none": 0.5}})
+    )
+    assert record.status == "failed" and "not a finite number" in record.error
+
+
+def test_another_search_on_the_same_path_is_refused(tmp_path):
+    run(SearchSession(make_spec(tmp_path, max_fevals=4, seed=1)))
+    with pytest.raises(StorageMismatchError, match="holds another search"):
+        SearchSession(make_spec(tmp_path, max_fevals=4, seed=2))
+    SearchSession(make_spec(tmp_path, max_fevals=40, seed=1))  # a larger budget continues it
