@@ -67,6 +67,9 @@ def main(config: str, storage_path: str, **values) -> None:
         click.echo(f"evomerge: error: {exc}", err=True)
         sys.exit(EXIT_BAD_INPUT)
 
+    if options.ray_address is None:
+        # Read when Ray is first imported: a private cluster listens on loopback only.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     server = None
     _stop_on_sigterm()
     _show_library_logs()

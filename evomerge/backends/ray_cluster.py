@@ -14,6 +14,11 @@ _FORWARDED_ENV = (
 
 def connect_ray(address: str | None) -> bool:
     """Start or join the cluster; returns whether this process started it (and must stop it)."""
+    if address is None:
+        # A private cluster serves this machine only: with this switch (read when ray is first
+        # imported) Ray takes 127.0.0.1 as the node address, so GCS and raylet listen on
+        # loopback; _node_ip_address="127.0.0.1" would be rewritten to the public address.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():
