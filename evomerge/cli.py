@@ -56,6 +56,8 @@ def _flag(name: str, default: bool, help: str, *aliases: str):
 def main(config: str, storage_path: str, **values) -> None:
     """Search the best merge of the models in CONFIG (a mergekit-evolve YAML file)."""
     from evomerge.backends.prepare import ConfigurationError, build_options, prepare_run
+    from evomerge.backends.run_lease import LeaseHeldError, RunLease
+    from evomerge.backends.run_store import RunStore
     from evomerge.search_session import StorageMismatchError, check_storage_path
 
     values["task_search_path"] = list(values["task_search_path"])
@@ -63,7 +65,8 @@ def main(config: str, storage_path: str, **values) -> None:
         options = build_options(**values)
         spec = prepare_run(config, storage_path, options)
         check_storage_path(spec)
-    except (ConfigurationError, StorageMismatchError) as exc:
+        RunLease(RunStore(spec.storage_path)).check_free()
+    except (ConfigurationError, StorageMismatchError, LeaseHeldError) as exc:
         click.echo(f"evomerge: error: {exc}", err=True)
         sys.exit(EXIT_BAD_INPUT)
 
@@ -94,7 +97,7 @@ def main(config: str, storage_path: str, **values) -> None:
     except Exception as exc:
         from evomerge.search_session import RunStoppedError
 
-        if isinstance(exc, (RunStoppedError, StorageMismatchError, ConfigurationError)):
+        if isinstance(exc, (RunStoppedError, StorageMismatchError, ConfigurationError, LeaseHeldError)):
             click.echo(f"evomerge: error: {exc}", err=True)
             sys.exit(1)
         raise

@@ -6,12 +6,15 @@ log the generation -> stop? The loop is here, in the open; every step is a libra
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect_ray import RayTaskRunner
 
 from evomerge.backends.prepare import build_options, prepare_run
+from evomerge.backends.run_lease import RunLease
+from evomerge.backends.run_store import RunStore
 from evomerge.backends.slot_pool import SlotsOnDemand
 from evomerge.core.options import RunOptions
 from evomerge.core.run_spec import RunSpec
@@ -59,12 +62,18 @@ def evolve(
 
 
 def run_search(spec: RunSpec) -> dict[str, Any]:
-    """The loop, for a validated RunSpec."""
-    session = SearchSession(spec)
-    try:
-        return _search_loop(spec, session)
-    finally:
-        session.close()
+    """The loop, for a validated RunSpec, holding the storage path's lease throughout."""
+    store = RunStore(spec.storage_path)
+    with RunLease(store) as lease:
+        if lease.taken_over is not None:
+            get_run_logger().warning(
+                "took over the stale lease of %s", lease.taken_over.describe(time.time())
+            )
+        session = SearchSession(spec, store)
+        try:
+            return _search_loop(spec, session)
+        finally:
+            session.close()
 
 
 def _search_loop(spec: RunSpec, session: SearchSession) -> dict[str, Any]:

@@ -155,6 +155,11 @@ def test_ctrl_c_stops_within_seconds_and_the_same_command_finishes_the_run(tiny_
     while time.monotonic() < deadline and len(list((storage / "records").glob("*.json"))) < 2:
         assert process.poll() is None, process.communicate()
         time.sleep(0.2)
+    # A second run on the same path is refused while the first holds it, naming the holder.
+    second = run_evomerge(config, storage, *args, env=env)
+    assert second.returncode == 2
+    assert f"in use by another evomerge run: pid {process.pid}" in second.stderr
+
     process.send_signal(signal.SIGINT)
     interrupted = time.monotonic()
     out, err = process.communicate(timeout=60)
@@ -162,6 +167,7 @@ def test_ctrl_c_stops_within_seconds_and_the_same_command_finishes_the_run(tiny_
     assert process.returncode == 130, err[-3000:]
     assert stop_seconds < 30, f"Ctrl-C took {stop_seconds:.1f} s"
     assert "run the same command again to continue" in err
+    assert not (storage / "lease.json").exists(), "the lease is released on Ctrl-C"
     kept = read_records(storage)
     assert 2 <= len(kept) < 8
     assert yaml.safe_load((storage / "best_config.yaml").read_text())["merge_method"] == "task_arithmetic"
