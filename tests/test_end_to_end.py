@@ -199,3 +199,22 @@ def test_a_metric_no_task_produces_stops_at_the_first_evaluation(tiny_models, tm
     assert "task 'tiny_rev' does not produce metric 'f1,none'; it produces acc,none" in result.stderr
     assert read_records(tmp_path / "run") == []
     assert not (tmp_path / "run" / "generations").exists(), "no generation was spent"
+
+
+def test_a_run_on_s3_storage(tiny_models, tmp_path, prefect_api, s3_endpoint):
+    """Records, best config, summary and final model on a real S3 API (moto_server, loopback)."""
+    import s3fs
+
+    config = write_config(tmp_path / "config.yml", tiny_models)
+    storage = "s3://evomerge-test/e2e-run"
+    env = dict(os.environ, PREFECT_API_URL=prefect_api)
+    result = run_evomerge(config, storage, "--max-fevals", "4", "--popsize", "4", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    fs = s3fs.S3FileSystem()
+    fs.invalidate_cache()
+    assert len(fs.ls(f"{storage}/records")) == 4
+    summary = json.loads(fs.cat_file(f"{storage}/summary.json"))
+    assert summary["evaluations"] == 4
+    assert yaml.safe_load(fs.cat_file(f"{storage}/best_config.yaml"))["merge_method"] == "task_arithmetic"
+    assert fs.exists(f"{storage}/final_model/model.safetensors")
+    assert not fs.exists(f"{storage}/lease.json")

@@ -1,6 +1,7 @@
 """SearchSession without Prefect or Ray: recording, failure policy, stopping, replay."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -111,3 +112,37 @@ def test_another_search_on_the_same_path_is_refused(tmp_path):
     with pytest.raises(StorageMismatchError, match="holds another search"):
         SearchSession(make_spec(tmp_path, max_fevals=4, seed=2))
     SearchSession(make_spec(tmp_path, max_fevals=40, seed=1))  # a larger budget continues it
+
+
+def test_the_same_search_on_s3_matches_the_local_one_and_resumes(tmp_path, s3_endpoint):
+    import uuid
+
+    from evomerge.backends.run_lease import RunLease
+    from evomerge.backends.run_store import RunStore
+
+    local = run(SearchSession(make_spec(tmp_path / "local", max_fevals=16, seed=7)))
+    path = f"s3://evomerge-test/{uuid.uuid4().hex}"
+    with RunLease(RunStore(path)):
+        run(SearchSession(make_spec(path, max_fevals=8, seed=7)))
+    resumed = run(SearchSession(make_spec(path, max_fevals=16, seed=7)))
+    assert sorted(resumed.records) == sorted(local.records)
+    assert {k: r.score for k, r in resumed.records.items()} == {k: r.score for k, r in local.records.items()}
+    store = RunStore(path)
+    assert len(store.fs.ls(store.path("records"))) == 16
+    assert "best merge" in store.read_text("best_config.yaml")
+
+
+def test_no_credential_reaches_what_a_run_writes(tmp_path, s3_endpoint, monkeypatch):
+    import uuid
+
+    from evomerge.backends.run_store import RunStore
+
+    monkeypatch.setenv("WANDB_API_KEY", "sentinel-wandb-key-0123")
+    path = f"s3://evomerge-test/{uuid.uuid4().hex}"
+    run(SearchSession(make_spec(path, max_fevals=8, seed=1)))
+    store = RunStore(path)
+    files = store.fs.find(store.path(""))
+    assert len(files) >= 10
+    everything = b"".join(store.fs.cat_file(f) for f in files)
+    for secret in (os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["AWS_ACCESS_KEY_ID"], "sentinel-wandb-key-0123"):
+        assert secret.encode() not in everything

@@ -116,10 +116,15 @@ class RunStore:
             raise StorageError(f"record {record.key} already exists; records are written once")
         self.write_text(rel, record.model_dump_json(indent=2) + "\n")
 
+    def _list(self, directory: str) -> list[str]:
+        # Object-store clients cache listings; a store must see what other processes wrote.
+        self.fs.invalidate_cache(directory)
+        return self.fs.ls(directory, detail=False)
+
     def read_records(self) -> dict[str, CandidateRecord]:
         directory = self.path("records")
         try:
-            names = self.fs.ls(directory, detail=False)
+            names = self._list(directory)
         except FileNotFoundError:
             return {}
         records = {}
@@ -145,7 +150,7 @@ class RunStore:
     def read_generations(self) -> list[dict[str, Any]]:
         directory = self.path("generations")
         try:
-            names = sorted(self.fs.ls(directory, detail=False))
+            names = sorted(self._list(directory))
         except FileNotFoundError:
             return []
         out = []
