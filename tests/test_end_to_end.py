@@ -218,3 +218,40 @@ def test_a_run_on_s3_storage(tiny_models, tmp_path, prefect_api, s3_endpoint):
     assert yaml.safe_load(fs.cat_file(f"{storage}/best_config.yaml"))["merge_method"] == "task_arithmetic"
     assert fs.exists(f"{storage}/final_model/model.safetensors")
     assert not fs.exists(f"{storage}/lease.json")
+
+
+def test_kill_9_of_the_driver_then_the_same_command_finishes_with_nothing_lost(tiny_models, tmp_path):
+    """SIGKILL mid-run (candidates in flight): the private Prefect server does not outlive the
+    driver, the dead run's lease is taken over, and the restarted run keeps every record and
+    evaluates no key twice."""
+    config = write_config(tmp_path / "config.yml", tiny_models)
+    storage = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    args = ("--max-fevals", "8", "--popsize", "4", "--seed", "9")
+    log = open(tmp_path / "first.log", "w")
+    process = subprocess.Popen(evomerge_command(config, storage, *args), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(list((storage / "records").glob("*.json"))) < 2:
+        assert process.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        time.sleep(0.2)
+    process.kill()
+    process.wait()
+    kept = read_records(storage)
+    assert 2 <= len(kept) < 8
+    ui = next(line for line in (tmp_path / "first.log").read_text().splitlines() if "Prefect UI at" in line)
+    api = ui.split("Prefect UI at ")[1].split()[0] + "/api/health"
+    for _ in range(40):  # the orphan guard stops the private server within seconds
+        try:
+            httpx.get(api, timeout=1)
+            time.sleep(0.5)
+        except httpx.HTTPError:
+            break
+    else:
+        pytest.fail("the private Prefect server outlived its killed driver")
+
+    result = run_evomerge(config, storage, *args, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "took over the stale lease" in result.stdout + result.stderr
+    records = {r["key"]: r for r in read_records(storage)}
+    assert len(records) == 8 == json.loads((storage / "summary.json").read_text())["evaluations"]
+    assert all(records[r["key"]] == r for r in kept), "records from before the kill are untouched"

@@ -66,8 +66,11 @@ def start_prefect_server(host: str = "127.0.0.1", timeout: float = 90.0) -> Pref
         }
     )
     prefect = os.path.join(os.path.dirname(sys.executable), "prefect")
-    command = [prefect if os.path.exists(prefect) else "prefect", "server", "start",
-               "--host", host, "--port", str(port)]
+    command = [
+        sys.executable, "-m", "evomerge.backends.orphan_guard", str(os.getpid()),
+        prefect if os.path.exists(prefect) else "prefect", "server", "start",
+        "--host", host, "--port", str(port),
+    ]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
