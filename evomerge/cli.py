@@ -58,7 +58,7 @@ def main(config: str, storage_path: str, **values) -> None:
     from evomerge.backends.prepare import ConfigurationError, build_options, prepare_run
     from evomerge.backends.run_lease import LeaseHeldError, RunLease
     from evomerge.backends.run_store import RunStore
-    from evomerge.search_session import StorageMismatchError, check_storage_path
+    from evomerge.search_session import RunStoppedError, StorageMismatchError, check_storage_path
 
     values["task_search_path"] = list(values["task_search_path"])
     try:
@@ -70,9 +70,6 @@ def main(config: str, storage_path: str, **values) -> None:
         click.echo(f"evomerge: error: {exc}", err=True)
         sys.exit(EXIT_BAD_INPUT)
 
-    if options.ray_address is None:
-        # Read when Ray is first imported: a private cluster listens on loopback only.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     server = None
     _stop_on_sigterm()
     _show_library_logs()
@@ -94,13 +91,9 @@ def main(config: str, storage_path: str, **values) -> None:
             err=True,
         )
         sys.exit(EXIT_INTERRUPTED)
-    except Exception as exc:
-        from evomerge.search_session import RunStoppedError
-
-        if isinstance(exc, (RunStoppedError, StorageMismatchError, ConfigurationError, LeaseHeldError)):
-            click.echo(f"evomerge: error: {exc}", err=True)
-            sys.exit(1)
-        raise
+    except (RunStoppedError, StorageMismatchError, ConfigurationError, LeaseHeldError) as exc:
+        click.echo(f"evomerge: error: {exc}", err=True)
+        sys.exit(1)
     finally:
         if server is not None:
             _flush_prefect_logs()

@@ -58,11 +58,9 @@ def finished_run(tiny_models, tmp_path_factory):
     config = write_config(tmp / "config.yml", tiny_models)
     storage = tmp / "run"
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    started = time.monotonic()
     result = run_evomerge(config, storage, "--max-fevals", "8", "--popsize", "4", "--seed", "3", env=env)
-    wall = time.monotonic() - started
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return {"config": config, "storage": storage, "result": result, "wall": wall}
+    return {"config": config, "storage": storage, "result": result}
 
 
 def test_the_run_spends_exactly_its_budget_and_reports_it(finished_run):
@@ -193,7 +191,6 @@ def test_ctrl_c_stops_within_seconds_and_the_same_command_finishes_the_run(tiny_
 def test_a_metric_no_task_produces_stops_at_the_first_evaluation(tiny_models, tmp_path, prefect_api):
     config = write_config(tmp_path / "config.yml", tiny_models, tasks=[{"name": "tiny_rev", "metric": "f1,none"}])
     env = dict(os.environ, PREFECT_API_URL=prefect_api)
-    started = time.monotonic()
     result = run_evomerge(config, tmp_path / "run", "--max-fevals", "8", "--popsize", "4", env=env)
     assert result.returncode == 1
     assert "task 'tiny_rev' does not produce metric 'f1,none'; it produces acc,none" in result.stderr

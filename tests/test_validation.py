@@ -3,7 +3,6 @@
 import json
 import shutil
 
-import pytest
 from click.testing import CliRunner
 
 from conftest import TASKS_DIR, write_config

@@ -20,7 +20,10 @@ def main(argv: list[str]) -> int:
     parent, command = int(argv[0]), argv[1:]
     child = subprocess.Popen(command)
 
-    signal.signal(signal.SIGTERM, lambda s, f: (child.terminate(), None))
+    def forward_sigterm(signum, frame) -> None:
+        child.terminate()
+
+    signal.signal(signal.SIGTERM, forward_sigterm)
     while child.poll() is None:
         if os.getppid() != parent:  # re-parented: evomerge died without stopping us
             child.terminate()

@@ -1,6 +1,6 @@
 """The pool of evaluation slots on Ray: one long-lived SlotWorker actor per slot.
 
-A slot is one GPU where the cluster has GPUs, otherwise ``cpus_per_slot`` CPUs. Placement is
+A slot is one GPU where the cluster has GPUs, otherwise one CPU. Placement is
 expressed to Ray as resources, so Ray (not hope) keeps two candidates off one slot. A slot
 request Ray can never satisfy fails after ``slot_start_timeout`` seconds with the cluster's
 resources in the message.

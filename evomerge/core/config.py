@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 MergeMethod = Literal["linear", "task_arithmetic", "ties", "dare_ties", "slerp"]
 MERGE_METHODS: tuple[str, ...] = ("linear", "task_arithmetic", "ties", "dare_ties", "slerp")
