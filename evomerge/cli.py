@@ -10,7 +10,6 @@ the best config stay; the same command continues the search.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 
 import click
@@ -58,6 +57,7 @@ def main(config: str, storage_path: str, **values) -> None:
     from evomerge.backends.prepare import ConfigurationError, build_options, prepare_run
     from evomerge.backends.run_lease import LeaseHeldError, RunLease
     from evomerge.backends.run_store import RunStore
+    from evomerge import stop_request
     from evomerge.search_session import RunStoppedError, StorageMismatchError, check_storage_path
 
     values["task_search_path"] = list(values["task_search_path"])
@@ -71,7 +71,7 @@ def main(config: str, storage_path: str, **values) -> None:
         sys.exit(EXIT_BAD_INPUT)
 
     server = None
-    _stop_on_sigterm()
+    stop_request.install()
     _show_library_logs()
     try:
         if not os.environ.get("PREFECT_API_URL"):
@@ -85,15 +85,17 @@ def main(config: str, storage_path: str, **values) -> None:
             click.echo(f"evomerge: using the Prefect server at {os.environ['PREFECT_API_URL']}")
         summary = _run(os.path.abspath(config), spec)
     except KeyboardInterrupt:
-        click.echo(
-            f"\nevomerge: stopped. Records and best_config.yaml are kept in {spec.storage_path}; "
-            "run the same command again to continue.",
-            err=True,
-        )
-        sys.exit(EXIT_INTERRUPTED)
+        _report_interrupted(spec.storage_path)
     except (RunStoppedError, StorageMismatchError, ConfigurationError, LeaseHeldError) as exc:
+        if stop_request.requested():
+            _report_interrupted(spec.storage_path)
         click.echo(f"evomerge: error: {exc}", err=True)
         sys.exit(1)
+    except Exception:
+        # A library may turn the KeyboardInterrupt into its own error; a stop was still asked for.
+        if stop_request.requested():
+            _report_interrupted(spec.storage_path)
+        raise
     finally:
         if server is not None:
             _flush_prefect_logs()
@@ -133,11 +135,13 @@ def _flush_prefect_logs() -> None:
         click.echo(f"evomerge: could not flush logs to the Prefect server ({exc})", err=True)
 
 
-def _stop_on_sigterm() -> None:
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, handler)
+def _report_interrupted(storage_path: str) -> None:
+    click.echo(
+        f"\nevomerge: stopped. Records and best_config.yaml are kept in {storage_path}; "
+        "run the same command again to continue.",
+        err=True,
+    )
+    sys.exit(EXIT_INTERRUPTED)
 
 
 def _print_summary(summary: dict) -> None:
