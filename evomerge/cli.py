@@ -52,11 +52,14 @@ def _flag(name: str, default: bool, help: str, *aliases: str):
 @click.option("--cpu-slots", type=int, default=None, help="Evaluation slots without GPUs (default: one per CPU).")
 @click.option("--max-failed-fraction", type=float, default=0.5, show_default=True, help="Stop when more of a generation fails.")
 @click.option("--slot-start-timeout", type=float, default=120.0, show_default=True, help="Seconds Ray may take to place the slots.")
+@click.option("--candidate-timeout", type=float, default=3600.0, show_default=True, help="Seconds a candidate may take before it is failed and its worker restarted.")
+@click.option("--worker-retries", type=int, default=2, show_default=True, help="Retries of a candidate whose worker process died.")
 def main(config: str, storage_path: str, **values) -> None:
     """Search the best merge of the models in CONFIG (a mergekit-evolve YAML file)."""
     from evomerge.backends.prepare import ConfigurationError, build_options, prepare_run
     from evomerge.backends.run_lease import LeaseHeldError, RunLease
-    from evomerge.backends.run_store import RunStore
+    from evomerge.backends.run_store import RunStore, StorageError
+    from evomerge.core.checkpoint import CorruptStateError
     from evomerge import stop_request
     from evomerge.search_session import RunStoppedError, StorageMismatchError, check_storage_path
 
@@ -86,7 +89,8 @@ def main(config: str, storage_path: str, **values) -> None:
         summary = _run(os.path.abspath(config), spec)
     except KeyboardInterrupt:
         _report_interrupted(spec.storage_path)
-    except (RunStoppedError, StorageMismatchError, ConfigurationError, LeaseHeldError) as exc:
+    except (RunStoppedError, StorageMismatchError, ConfigurationError, LeaseHeldError,
+            StorageError, CorruptStateError) as exc:
         if stop_request.requested():
             _report_interrupted(spec.storage_path)
         click.echo(f"evomerge: error: {exc}", err=True)

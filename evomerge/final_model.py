@@ -29,6 +29,6 @@ def save_final_model(session: SearchSession) -> str | None:
             for root, _, files in os.walk(tmp):
                 for name in files:
                     local = os.path.join(root, name)
-                    store.fs.put_file(local, store.path("final_model", os.path.relpath(local, tmp)))
+                    store.put_file(local, f"final_model/{os.path.relpath(local, tmp)}")
     store.write_json("final_model.json", {"key": best.key, "score": best.score})
     return store.path("final_model")

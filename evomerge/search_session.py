@@ -2,12 +2,14 @@
 
 The evolve flow owns the loop; this object holds what the loop needs (the optimizer, the records,
 the budget) and writes the outputs. It keeps nothing the store cannot rebuild: started again on
-the same storage path with the same settings, it replays the recorded generations through the
-seeded optimizer (no pickle, nothing re-evaluated) and continues where the store ends.
+the same storage path with the same settings, it rebuilds CMA-ES from the generation checkpoints
+(replayed through the seeded optimizer and checked against them bit for bit; no pickle), replays
+any generation whose records outlived its checkpoint, and continues where the store ends.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from typing import Any
@@ -16,11 +18,21 @@ import numpy as np
 import yaml
 
 from evomerge.backends.run_store import RunStore
+from evomerge.core.checkpoint import (
+    CHECKPOINT_FORMAT_VERSION,
+    CorruptStateError,
+    GenerationCheckpoint,
+    checkpoint_name,
+    parse_checkpoint,
+)
 from evomerge.core.fitness import MissingMetricError, NonFiniteMetricError, too_many_failures, weighted_score
 from evomerge.core.optimizer import CmaOptimizer
 from evomerge.core.records import CandidateRecord, CandidateRequest, EvaluationOutcome
 from evomerge.core.run_spec import RunSpec
 from evomerge.core.search_loop import GenerationPlan, best_record, plan_generation
+from evomerge.failpoints import failpoint
+
+log = logging.getLogger("evomerge")
 
 
 class RunStoppedError(RuntimeError):
@@ -49,11 +61,65 @@ class SearchSession:
         rng = np.random.default_rng(spec.options.seed)
         x0 = self.space.initial_point(rng if spec.config.random_init else None)
         self.optimizer = CmaOptimizer(x0, spec.options.sigma0, spec.options.seed, spec.options.popsize)
-        self.records: dict[str, CandidateRecord] = self.store.read_records()
+        # What resume had to work around (unreadable files), for the flow to show.
+        self.restore_notes: list[str] = []
+        self.records: dict[str, CandidateRecord] = self.store.read_records(on_unreadable=self.restore_notes.append)
         self.started = time.monotonic()
-        self.generations_done = 0
         self.finished_reason: str | None = None
         self._best = best_record(self.records)
+        self._pending: GenerationPlan | None = None
+        self.generations_done = self._restore_checkpoints()
+        self._replay_recorded_generations()
+
+    def _restore_checkpoints(self) -> int:
+        """Tell the optimizer every checkpointed generation again; returns how many.
+
+        Stops at the first missing or unreadable checkpoint: the generations after it are
+        replayed from their records (and their checkpoints written again).
+        """
+        fingerprint = self.spec.fingerprint()
+        generation = 0
+        while (text := self.store.read_text(checkpoint_name(generation))) is not None:
+            where = self.store.path(checkpoint_name(generation))
+            try:
+                checkpoint = parse_checkpoint(text, where, fingerprint, generation)
+            except CorruptStateError as exc:
+                self.restore_notes.append(
+                    f"{exc}; resuming from the last good checkpoint "
+                    f"({'none' if generation == 0 else f'generation {generation - 1}'}) "
+                    "and the records written after it"
+                )
+                break
+            vectors = self.optimizer.ask()
+            if not np.array_equal(vectors, np.asarray(checkpoint.vectors)):
+                raise CorruptStateError(
+                    f"{where}: CMA-ES with this seed asks other vectors than the checkpoint "
+                    "recorded, so the files were written by another pycma or evomerge version. "
+                    "Continue with the version that wrote them, or use a new --storage-path"
+                )
+            self.optimizer.tell(vectors, checkpoint.scores_told)
+            if self.optimizer.sigma != checkpoint.sigma_after or not np.array_equal(
+                self.optimizer.mean, np.asarray(checkpoint.mean_after)
+            ):
+                raise CorruptStateError(
+                    f"{where}: replaying it does not reproduce the recorded CMA-ES state "
+                    "(another pycma or numpy version?). Continue with the versions that wrote "
+                    "it, or use a new --storage-path"
+                )
+            generation += 1
+        return generation
+
+    def _replay_recorded_generations(self) -> None:
+        """Tell the generations after the last checkpoint whose candidates all have records (a
+        kill between a generation's last record and its checkpoint, or a damaged checkpoint),
+        writing their checkpoints again; the first generation that needs evaluating waits as
+        the next one."""
+        while True:
+            plan = self._plan(self.optimizer.ask())
+            if plan.to_evaluate or not plan.complete:
+                self._pending = plan
+                return
+            self.finish_generation(plan)
 
     @classmethod
     def active(cls, session_id: str) -> SearchSession:
@@ -61,6 +127,10 @@ class SearchSession:
 
     def close(self) -> None:
         SearchSession._active.pop(self.id, None)
+
+    @property
+    def elapsed_seconds(self) -> float:
+        return time.monotonic() - self.started
 
     # --- budget ----------------------------------------------------------------------------
     @property
@@ -83,7 +153,12 @@ class SearchSession:
 
     # --- one generation --------------------------------------------------------------------
     def next_generation(self) -> GenerationPlan:
-        vectors = self.optimizer.ask()
+        if self._pending is not None:
+            plan, self._pending = self._pending, None
+            return plan
+        return self._plan(self.optimizer.ask())
+
+    def _plan(self, vectors: np.ndarray) -> GenerationPlan:
         return plan_generation(
             self.space, self.settings, self.optimizer.generation, vectors,
             frozenset(self.records), self.budget_left,
@@ -117,9 +192,14 @@ class SearchSession:
             timings=outcome.timings.model_copy(update={"round_trip": round_trip}),
             node=outcome.node,
             slot=outcome.slot,
+            attempts=outcome.attempts,
+            worker_deaths=outcome.worker_deaths,
             finished_at=time.time(),
         )
         self.store.write_record(record)
+        log.info("candidate %d.%d %s recorded: %s", record.generation, record.index, record.key,
+                 f"fitness {score:.6f}" if status == "ok" else f"failed ({error})")
+        failpoint("after-record")
         self.records[record.key] = record
         if record.status == "ok" and (self._best is None or score > self._best.score):
             self._best = record
@@ -141,18 +221,10 @@ class SearchSession:
         failed = [r for r in new if r.status == "failed"]
         scores = plan.scores(self.records)
         self.optimizer.tell(plan.vectors, scores)
+        failpoint("after-tell")
         self.generations_done += 1
-        if new:
-            self.store.write_generation(
-                plan.generation,
-                {
-                    "generation": plan.generation,
-                    "keys": list(plan.keys),
-                    "vectors": plan.vectors.tolist(),
-                    "scores_told": scores,
-                    "sigma_after": self.optimizer.sigma,
-                },
-            )
+        self.write_checkpoint(plan, scores)
+        failpoint("after-checkpoint")
         self.write_summary()
         if too_many_failures(len(failed), len(new), self.spec.options.max_failed_fraction):
             errors = "\n".join(f"  candidate {r.generation}.{r.index}: {r.error}" for r in failed)
@@ -161,6 +233,27 @@ class SearchSession:
                 f"{len(failed)} of {len(new)} candidates of generation {plan.generation} failed "
                 f"(more than {self.spec.options.max_failed_fraction:.0%}); stopping. Errors:\n{errors}"
             )
+
+    def write_checkpoint(self, plan: GenerationPlan, scores: list[float]) -> GenerationCheckpoint:
+        checkpoint = GenerationCheckpoint(
+            format_version=CHECKPOINT_FORMAT_VERSION,
+            fingerprint=self.spec.fingerprint(),
+            generation=plan.generation,
+            keys=list(plan.keys),
+            vectors=plan.vectors.tolist(),
+            scores_told=scores,
+            sigma_after=self.optimizer.sigma,
+            mean_after=self.optimizer.mean.tolist(),
+            evaluations=self.evaluations,
+            best_key=self._best.key if self._best else None,
+            written_at=time.time(),
+        )
+        self.store.write_text(
+            checkpoint_name(plan.generation),
+            checkpoint.model_dump_json(indent=2) + "\n",
+            failpoint_name="checkpoint-write",
+        )
+        return checkpoint
 
     # --- outputs ---------------------------------------------------------------------------
     @property
@@ -197,7 +290,7 @@ class SearchSession:
             "best_parameters": best.parameters if best else None,
             "mean_seconds_per_candidate": timings,
             "finished_reason": self.finished_reason,
-            "elapsed_seconds": time.monotonic() - self.started,
+            "elapsed_seconds": self.elapsed_seconds,
         }
 
     def write_summary(self) -> None:

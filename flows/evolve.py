@@ -12,12 +12,14 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect_ray import RayTaskRunner
 
+from evomerge.backends.prefect_artifacts import CheckpointPublisher
 from evomerge.backends.prepare import build_options, prepare_run
 from evomerge.backends.run_lease import RunLease
 from evomerge.backends.run_store import RunStore
 from evomerge.backends.slot_pool import SlotsOnDemand
 from evomerge.core.options import RunOptions
 from evomerge.core.run_spec import RunSpec
+from evomerge.failpoints import failpoint
 from evomerge.final_model import save_final_model
 from evomerge.search_session import SearchSession
 from flows.generation import generation
@@ -53,6 +55,8 @@ def evolve(
     cpu_slots: int | None = None,
     max_failed_fraction: float = 0.5,
     slot_start_timeout: float = 120.0,
+    candidate_timeout: float = 3600.0,
+    worker_retries: int = 2,
 ) -> dict[str, Any]:
     values = dict(locals())
     values["task_search_path"] = values["task_search_path"] or []
@@ -78,15 +82,24 @@ def run_search(spec: RunSpec) -> dict[str, Any]:
 
 def _search_loop(spec: RunSpec, session: SearchSession) -> dict[str, Any]:
     logger = get_run_logger()
-    if session.records:
-        logger.info("storage path holds %d records: replaying them", len(session.records))
+    for note in session.restore_notes:
+        logger.warning(note)
+    if session.records or session.generations_done:
+        logger.info(
+            "storage path holds %d records and %d generation checkpoints: continuing from them",
+            len(session.records), session.generations_done,
+        )
     run_generation = generation.with_options(task_runner=RayTaskRunner(address=spec.options.ray_address))
+    publisher = CheckpointPublisher(session)
     with SlotsOnDemand(spec) as slots:
         while (reason := session.should_stop()) is None:
             plan = session.next_generation()
+            failpoint("after-ask")
             if plan.to_evaluate:
                 run_generation(plan.generation, list(plan.to_evaluate), slots.refs(), session.id)
             session.finish_generation(plan)
+            if plan.to_evaluate:
+                publisher.publish(plan.generation)
             best = session.best
             logger.info(
                 "generation %d: %d evaluated, %d of %d evaluations spent, best fitness %s",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -58,6 +60,24 @@ def write_config(path: Path, models: dict[str, Path], **overrides) -> Path:
             config[key] = value
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def evomerge_command(config: Path, storage: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "evomerge.cli", str(config), "--storage-path", str(storage),
+        "--task-search-path", str(TASKS_DIR), "--cpu-slots", "2", *extra,
+    ]
+
+
+def run_evomerge(config, storage, *extra, env=None, timeout=600):
+    return subprocess.run(
+        evomerge_command(config, storage, *extra), cwd=REPO, env=env or os.environ.copy(),
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def read_records(storage: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((storage / "records").glob("*.json"))]
 
 
 @pytest.fixture(scope="session")

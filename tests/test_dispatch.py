@@ -10,6 +10,8 @@ class FakeFuture:
         self.request, self.slot, self.finish_at = request, slot, finish_at
 
     def result(self):
+        if self.request.startswith("crash"):
+            raise RuntimeError(f"task of {self.request} crashed")
         return f"{self.request}@{self.slot}"
 
 
@@ -30,7 +32,10 @@ def run(requests, slots, durations):
         del busy[first.slot]
         return first
 
-    results = dispatch_to_slots(requests, slots, submit, wait_first, on_result=lambda req, out, seconds: out)
+    results = dispatch_to_slots(
+        requests, slots, submit, wait_first,
+        on_result=lambda req, out, seconds: out, on_error=lambda req, exc: f"failed: {exc}",
+    )
     return results, log, clock["now"]
 
 
@@ -47,9 +52,14 @@ def test_on_result_errors_stop_the_dispatch():
         raise RuntimeError("fatal configuration error")
 
     with pytest.raises(RuntimeError, match="fatal"):
-        dispatch_to_slots(["a", "b"], ["s0"], lambda r, s: FakeFuture(r, s, 0), lambda fs: fs[0], boom)
+        dispatch_to_slots(["a", "b"], ["s0"], lambda r, s: FakeFuture(r, s, 0), lambda fs: fs[0], boom, None)
+
+
+def test_a_crashed_task_is_one_failed_candidate_and_its_slot_goes_on():
+    results, log, _ = run(["a", "crash-b", "c"], ["s0"], {"a": 1, "crash-b": 1, "c": 1})
+    assert results == ["a@s0", "failed: task of crash-b crashed", "c@s0"]
 
 
 def test_no_slots_is_an_error():
     with pytest.raises(ValueError):
-        dispatch_to_slots(["a"], [], None, None, None)
+        dispatch_to_slots(["a"], [], None, None, None, None)

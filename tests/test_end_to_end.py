@@ -15,27 +15,9 @@ import httpx
 import pytest
 import yaml
 
-from conftest import REPO, TASKS_DIR, write_config
+from conftest import REPO, TASKS_DIR, evomerge_command, read_records, run_evomerge, write_config
 
 pytestmark = pytest.mark.integration
-
-
-def evomerge_command(config: Path, storage: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable, "-m", "evomerge.cli", str(config), "--storage-path", str(storage),
-        "--task-search-path", str(TASKS_DIR), "--cpu-slots", "2", *extra,
-    ]
-
-
-def run_evomerge(config, storage, *extra, env=None, timeout=600):
-    return subprocess.run(
-        evomerge_command(config, storage, *extra), cwd=REPO, env=env or os.environ.copy(),
-        capture_output=True, text=True, timeout=timeout,
-    )
-
-
-def read_records(storage: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((storage / "records").glob("*.json"))]
 
 
 def lm_eval_scores(model_path: Path, limit: int) -> dict[str, float]:
@@ -118,7 +100,7 @@ def test_generation_logs_hold_the_told_scores(finished_run):
     storage = finished_run["storage"]
     records = {r["key"]: r for r in read_records(storage)}
     for n in (0, 1):
-        log = json.loads((storage / "generations" / f"{n:05d}.json").read_text())
+        log = json.loads((storage / "checkpoints" / f"{n:05d}.json").read_text())
         assert log["scores_told"] == [records[k]["score"] for k in log["keys"]]
 
 
@@ -195,7 +177,7 @@ def test_a_metric_no_task_produces_stops_at_the_first_evaluation(tiny_models, tm
     assert result.returncode == 1
     assert "task 'tiny_rev' does not produce metric 'f1,none'; it produces acc,none" in result.stderr
     assert read_records(tmp_path / "run") == []
-    assert not (tmp_path / "run" / "generations").exists(), "no generation was spent"
+    assert not (tmp_path / "run" / "checkpoints").exists(), "no generation was spent"
 
 
 def test_a_run_on_s3_storage(tiny_models, tmp_path, prefect_api, s3_endpoint):
@@ -204,12 +186,29 @@ def test_a_run_on_s3_storage(tiny_models, tmp_path, prefect_api, s3_endpoint):
 
     config = write_config(tmp_path / "config.yml", tiny_models)
     storage = "s3://evomerge-test/e2e-run"
-    env = dict(os.environ, PREFECT_API_URL=prefect_api)
+    env = dict(os.environ, PREFECT_API_URL=prefect_api, WANDB_API_KEY="sentinel-wandb-key-4567")
     result = run_evomerge(config, storage, "--max-fevals", "4", "--popsize", "4", env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     fs = s3fs.S3FileSystem()
     fs.invalidate_cache()
     assert len(fs.ls(f"{storage}/records")) == 4
+
+    # The checkpoint is published as Prefect artifacts; no credential is in them, in the logs
+    # or in any file of the run.
+    with httpx.Client(base_url=prefect_api, timeout=30) as client:
+        artifacts = client.post("/artifacts/filter", json={"limit": 200}).json()
+    fingerprint = json.loads(fs.cat_file(f"{storage}/run.json"))["fingerprint"]
+    mine = {a["key"]: a for a in artifacts if a["key"] and fingerprint in a["key"]}
+    assert set(mine) == {f"evomerge-{fingerprint}-{what}" for what in ("candidates", "best-config", "progress")}
+    table = mine[f"evomerge-{fingerprint}-candidates"]["data"]
+    table = json.loads(table) if isinstance(table, str) else table
+    assert len(table) == 4 and {"fitness", "tiny_shift acc,none", "tiny_rev acc,none", "slot"} <= set(table[0])
+    assert "```yaml" in mine[f"evomerge-{fingerprint}-best-config"]["data"]
+    assert mine[f"evomerge-{fingerprint}-progress"]["data"] == 100.0
+    written = b"".join(fs.cat_file(f) for f in fs.find(storage) if "final_model/" not in f)
+    shown = (result.stdout + result.stderr + json.dumps(artifacts)).encode()
+    for secret in (os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["AWS_ACCESS_KEY_ID"], "sentinel-wandb-key-4567"):
+        assert secret.encode() not in written and secret.encode() not in shown
     summary = json.loads(fs.cat_file(f"{storage}/summary.json"))
     assert summary["evaluations"] == 4
     assert yaml.safe_load(fs.cat_file(f"{storage}/best_config.yaml"))["merge_method"] == "task_arithmetic"

@@ -79,7 +79,7 @@ def test_failed_candidates_are_recorded_and_ranked_last(tmp_path):
     session = run(SearchSession(make_spec(tmp_path, max_fevals=8, seed=3)), fail_when=lambda r: r.index == 1)
     failed = [r for r in session.records.values() if r.status == "failed"]
     assert len(failed) == 2 and all(r.error == "ValueError: merge exploded" and r.score is None for r in failed)
-    log = json.loads((tmp_path / "generations" / "00000.json").read_text())
+    log = json.loads((tmp_path / "checkpoints" / "00000.json").read_text())
     ok_scores = [s for k, s in zip(log["keys"], log["scores_told"]) if session.records[k].status == "ok"]
     assert log["scores_told"][1] == pytest.approx(min(ok_scores) - 1.0)
 

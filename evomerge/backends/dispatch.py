@@ -20,13 +20,15 @@ def dispatch_to_slots(
     submit: Callable[[Any, Any], Any],
     wait_first: Callable[[list[Any]], Any],
     on_result: Callable[[Any, Any, float], R],
+    on_error: Callable[[Any, Exception], Any],
 ) -> list[R]:
     """Run every request on some slot, at most one per slot at a time.
 
     ``submit(request, slot)`` returns a future; ``wait_first(futures)`` returns one finished
     future; ``on_result(request, outcome, seconds)`` is called as each finishes, with the seconds
     from submission to result (its exceptions stop the dispatch, with the futures still in
-    flight cancelled).
+    flight cancelled). A future that raises (its task crashed, not the candidate failed) becomes
+    the outcome ``on_error(request, exception)``: one broken task is one failed candidate.
     """
     if not slots:
         raise ValueError("no evaluation slots")
@@ -42,7 +44,10 @@ def dispatch_to_slots(
             done = wait_first(list(in_flight))
             request, slot, submitted = in_flight.pop(done)
             free.append(slot)
-            outcome = done.result()
+            try:
+                outcome = done.result()
+            except Exception as exc:
+                outcome = on_error(request, exc)
             results.append(on_result(request, outcome, time.perf_counter() - submitted))
     finally:
         for future in in_flight:

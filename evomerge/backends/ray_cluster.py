@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 
+from evomerge import failpoints
+
 # Environment the Ray workers need: they run Prefect tasks that report to the same API server,
-# and read models offline when the driver does.
+# read models offline when the driver does, and fail where a fault-injection test armed them.
 _FORWARDED_ENV = (
     "PREFECT_API_URL", "PREFECT_API_KEY", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
     "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_DATASETS_CACHE", "PREFECT_LOGGING_LEVEL",
+    failpoints.ENV, failpoints.ONCE_DIR_ENV,
 )
 
 

@@ -113,7 +113,7 @@ class RunLease:
             self._thread.join(timeout=5)
         current = read_lease(self.store)
         if current is not None and current.owner == self.owner:
-            self.store.fs.rm(self.store.path(LEASE_FILE))
+            self.store.remove(LEASE_FILE)
 
     def __enter__(self) -> RunLease:
         return self.acquire()

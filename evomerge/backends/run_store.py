@@ -4,7 +4,9 @@ Layout::
 
     run.json                  what run this path holds (fingerprint, config, options)
     records/<key>.json        one write-once record per evaluated candidate
-    generations/<n>.json      asked vectors, keys and told scores of each finished generation
+    checkpoints/<n>.json      generation n as told to CMA-ES (format: evomerge.core.checkpoint)
+    quarantine/records/       records that could not be read, moved aside at resume
+    lease.json                which process runs the search now (evomerge.backends.run_lease)
     best_config.yaml          the best merge so far, a config ``mergekit-yaml`` takes as is
     summary.json              evaluations spent, generations, best fitness and metrics
     merged/<key>/             scratch folder of an on-disk merge (local paths; deleted after scoring)
@@ -12,20 +14,31 @@ Layout::
 
 Every write is atomic: a temporary file then ``os.replace`` locally, a whole-object PUT on object
 stores, so a reader never sees half a file. Reading never executes anything: JSON and YAML only.
+
+Object-store calls are retried with a bounded exponential backoff (``retry_delays``), because a
+network blip or an endpoint restart should not end a search that took hours. Local disk errors are
+not retried (a full disk does not heal in seconds); both end in a ``StorageError`` that says what
+failed and that the previous files are untouched.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tempfile
-from typing import Any
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import fsspec
+from botocore.exceptions import ConnectionError as BotoConnectionError
+from botocore.exceptions import HTTPClientError
 from fsspec.implementations.local import LocalFileSystem
 
-from evomerge.core.records import CandidateRecord
+from evomerge.core.records import RECORD_FORMAT_VERSION, CandidateRecord
+from evomerge.failpoints import failpoint
 
 _KEY = re.compile(r"^[0-9a-f]{8,64}$")
 # mkstemp creates files 0600; a finished file gets the mode an ordinary open() would give it.
@@ -33,17 +46,73 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 _FILE_MODE = 0o666 & ~_UMASK
 
+logger = logging.getLogger("evomerge")
+T = TypeVar("T")
+
+DEFAULT_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)
+# The store answered; asking again gets the same answer. (All are OSError subclasses.)
+_ANSWERS = (
+    FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError,
+)
+# botocore's connection errors (EndpointConnectionError when nothing listens, ConnectionClosedError,
+# ReadTimeoutError) are not all OSError subclasses, and s3fs passes them through untranslated.
+_TRANSIENT = (OSError, BotoConnectionError, HTTPClientError)
+
 
 class StorageError(RuntimeError):
     pass
 
 
 class RunStore:
-    def __init__(self, storage_path: str, storage_options: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        storage_path: str,
+        storage_options: dict[str, Any] | None = None,
+        retry_delays: Sequence[float] = DEFAULT_RETRY_DELAYS,
+    ):
         self.storage_path = storage_path
-        self.fs, root = fsspec.core.url_to_fs(storage_path, **(storage_options or {}))
+        self.retry_delays = tuple(retry_delays)
+        options = dict(storage_options or {})
+        if fsspec.utils.get_protocol(storage_path) in ("s3", "s3a"):
+            # botocore retries every request itself (legacy mode: 5 attempts with its own backoff),
+            # so a down endpoint took 6-12 s per call before our schedule even started; one attempt
+            # per call makes ``retry_delays`` the one schedule. Explicit config_kwargs still win.
+            options["config_kwargs"] = {
+                "retries": {"total_max_attempts": 1}, **options.get("config_kwargs", {})
+            }
+        self.fs, root = fsspec.core.url_to_fs(storage_path, **options)
         self.root = root.rstrip("/")
         self.is_local = isinstance(self.fs, LocalFileSystem)
+
+    def _retrying(self, what: str, path: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn(*args, **kwargs)``, retried on transient object-store errors; ``what`` and ``path``
+        name it in the warnings and in the final ``StorageError``."""
+        if self.is_local:
+            return fn(*args, **kwargs)
+        delays = iter(self.retry_delays)
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return fn(*args, **kwargs)
+            except _ANSWERS:
+                raise
+            except _TRANSIENT as exc:
+                url = self.fs.unstrip_protocol(path)
+                delay = next(delays, None)
+                if delay is None:
+                    raise StorageError(
+                        f"could not {what} {url}: {attempt} attempts over "
+                        f"{time.monotonic() - started:.1f} s failed ({type(exc).__name__}: {exc}). "
+                        "The previous files are untouched; run the same command again once the "
+                        "storage is reachable."
+                    ) from exc
+                logger.warning(
+                    "%s %s failed (attempt %d of %d, %s: %s); retrying in %g s",
+                    what, url, attempt, len(self.retry_delays) + 1, type(exc).__name__, exc, delay,
+                )
+                time.sleep(delay)
 
     # --- paths -----------------------------------------------------------------------------
     def path(self, *parts: str) -> str:
@@ -66,32 +135,28 @@ class RunStore:
         return os.path.join(tempfile.gettempdir(), "evomerge-merged", key)
 
     # --- raw I/O ---------------------------------------------------------------------------
-    def write_text(self, rel: str, text: str) -> None:
+    def write_text(self, rel: str, text: str, failpoint_name: str | None = None) -> None:
+        """Write ``rel`` whole or not at all. ``failpoint_name`` marks the write for
+        fault-injection tests: locally the point sits halfway through the temporary file."""
         target = self.path(rel)
         data = text.encode()
-        if self.is_local:
-            directory = os.path.dirname(target)
-            os.makedirs(directory, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".part")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.chmod(tmp, _FILE_MODE)
-                os.replace(tmp, target)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
-        else:
-            self.fs.pipe_file(target, data)
+        if not self.is_local:
+            if failpoint_name:
+                failpoint(failpoint_name)
+            self._retrying("write", target, self.fs.pipe_file, target, data)
+            return
+        try:
+            _write_local_atomically(target, data, failpoint_name)
+        except OSError as exc:
+            raise StorageError(
+                f"could not write {target}: {exc.strerror or exc}. The previous file is untouched; "
+                "free the space (or fix the folder) and run the same command again."
+            ) from exc
 
     def read_text(self, rel: str) -> str | None:
         target = self.path(rel)
         try:
-            with self.fs.open(target, "rb") as f:
-                return f.read().decode()
+            return self._retrying("read", target, self.fs.cat_file, target).decode()
         except FileNotFoundError:
             return None
 
@@ -112,16 +177,30 @@ class RunStore:
         """Write a candidate's record once; a second write of the same key is refused."""
         rel = f"records/{record.key}.json"
         self.record_path(record.key)  # validates the key
-        if self.fs.exists(self.path(rel)):
+        if self._retrying("check", self.path(rel), self.fs.exists, self.path(rel)):
             raise StorageError(f"record {record.key} already exists; records are written once")
         self.write_text(rel, record.model_dump_json(indent=2) + "\n")
+
+    def remove(self, rel: str) -> None:
+        target = self.path(rel)
+        self._retrying("remove", target, self.fs.rm, target)
+
+    def put_file(self, local: str, rel: str) -> None:
+        target = self.path(rel)
+        self._retrying("upload", target, self.fs.put_file, local, target)
 
     def _list(self, directory: str) -> list[str]:
         # Object-store clients cache listings; a store must see what other processes wrote.
         self.fs.invalidate_cache(directory)
-        return self.fs.ls(directory, detail=False)
+        return self._retrying("list", directory, self.fs.ls, directory, detail=False)
 
-    def read_records(self) -> dict[str, CandidateRecord]:
+    def read_records(self, on_unreadable: Callable[[str], None] | None = None) -> dict[str, CandidateRecord]:
+        """Every readable record by key.
+
+        A record that cannot be used (truncated, another format version, under another key's
+        name) raises StorageError, or, with ``on_unreadable``, is moved to
+        ``quarantine/records/`` and reported through it: its candidate is then evaluated again.
+        """
         directory = self.path("records")
         try:
             names = self._list(directory)
@@ -136,30 +215,60 @@ class RunStore:
             text = self.read_text(f"records/{base}")
             try:
                 record = CandidateRecord.model_validate_json(text or "")
+                problem = None
             except ValueError as exc:
-                raise StorageError(f"record {name} cannot be read ({exc})") from exc
-            if record.key != key:
-                raise StorageError(f"record {name} holds key {record.key}, not {key}")
-            records[key] = record
+                problem = f"cannot be read ({str(exc).splitlines()[0]}; truncated?)"
+            if problem is None and record.format_version != RECORD_FORMAT_VERSION:
+                problem = (f"has format version {record.format_version}; this evomerge reads "
+                           f"version {RECORD_FORMAT_VERSION}")
+            if problem is None and record.key != key:
+                problem = f"holds key {record.key}, not {key}"
+            if problem is None:
+                records[key] = record
+                continue
+            where = self.fs.unstrip_protocol(name)
+            if on_unreadable is None:
+                raise StorageError(f"record {where} {problem}")
+            aside = self.path("quarantine", "records", base)
+            if self.is_local:
+                os.makedirs(os.path.dirname(aside), exist_ok=True)
+            self._retrying("move", name, self.fs.mv, name, aside)
+            on_unreadable(f"record {where} {problem}; moved to {self.fs.unstrip_protocol(aside)} "
+                          "and its candidate will be evaluated again if the search needs it")
         return records
 
-    # --- generations -----------------------------------------------------------------------
-    def write_generation(self, generation: int, data: dict[str, Any]) -> None:
-        self.write_json(f"generations/{generation:05d}.json", data)
-
-    def read_generations(self) -> list[dict[str, Any]]:
-        directory = self.path("generations")
+    def list_names(self, rel: str) -> list[str]:
+        """File names directly under ``rel`` (no temporary files); [] when it does not exist."""
         try:
-            names = sorted(self._list(directory))
+            names = self._list(self.path(rel))
         except FileNotFoundError:
             return []
-        out = []
-        for name in names:
-            base = name.rsplit("/", 1)[-1]
-            if base.endswith(".json") and not base.startswith("."):
-                out.append(self.read_json(f"generations/{base}"))
-        return out
+        return sorted(n.rsplit("/", 1)[-1] for n in names if not n.rsplit("/", 1)[-1].startswith("."))
 
     def local_path(self, rel: str) -> str | None:
         """The filesystem path of ``rel`` for local stores (None for object stores)."""
         return self.path(rel) if self.is_local else None
+
+
+def _write_local_atomically(target: str, data: bytes, failpoint_name: str | None = None) -> None:
+    directory = os.path.dirname(target)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if failpoint_name:
+                half = len(data) // 2
+                f.write(data[:half])
+                f.flush()
+                os.fsync(f.fileno())
+                failpoint(failpoint_name)
+                data = data[half:]
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import uuid
 from dataclasses import dataclass
 
-from evomerge.core.records import CandidateRequest, EvaluationOutcome
+from evomerge.core.records import CandidateRequest, EvaluationOutcome, error_summary
 from evomerge.core.run_spec import RunSpec
 
 
@@ -83,7 +84,10 @@ def start_slots(spec: RunSpec) -> SlotPool:
             name=actor_name,
             namespace=namespace,
             max_concurrency=1,
-            max_restarts=0,
+            # A slot's worker process that dies (OOM killer, segfault, kill -9, a timeout's
+            # restart) is started again by Ray; the candidate it held is retried by
+            # run_on_slot, a bounded number of times.
+            max_restarts=-1,
             **actor_options,
         ).remote(spec, name, threads=actor_options.get("num_cpus", 1))
         actors.append(actor)
@@ -159,9 +163,74 @@ class SlotsOnDemand:
         disconnect_ray(self._started_ray)
 
 
-def run_on_slot(slot: SlotRef, request: CandidateRequest) -> EvaluationOutcome:
-    """Merge and score one candidate on the given slot's actor (blocks until done)."""
-    import ray
+@dataclass(frozen=True)
+class CandidatePolicy:
+    """How long a candidate may run on a slot, and how often it is retried when the slot's
+    worker dies under it."""
 
-    actor = ray.get_actor(slot.actor_name, namespace=slot.namespace)
-    return ray.get(actor.run.remote(request))
+    timeout: float
+    retries: int
+    worker_start_timeout: float  # how long a restarting worker may take to come back
+
+    @classmethod
+    def from_options(cls, options) -> CandidatePolicy:
+        return cls(options.candidate_timeout, options.worker_retries, options.slot_start_timeout)
+
+
+def run_on_slot(slot: SlotRef, request: CandidateRequest, policy: CandidatePolicy) -> EvaluationOutcome:
+    """Merge and score one candidate on the given slot's actor (blocks until done).
+
+    Never raises for the candidate's sake: a worker that dies under it is replaced by Ray and
+    the candidate retried up to ``policy.retries`` times; a candidate still running after
+    ``policy.timeout`` seconds is failed and the worker restarted (the hung process is killed,
+    the slot comes back). The timeout starts when the worker is ready, so a restart after
+    another candidate's death is not charged to this one.
+    """
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError
+
+    deaths: list[str] = []
+    attempts = policy.retries + 1
+    for attempt in range(1, attempts + 1):
+        actor = ray.get_actor(slot.actor_name, namespace=slot.namespace)
+        try:
+            _wait_until_ready(actor, policy.worker_start_timeout)
+            outcome = ray.get(actor.run.remote(request), timeout=policy.timeout)
+            return outcome.model_copy(update={"attempts": attempt, "worker_deaths": deaths})
+        except GetTimeoutError:
+            ray.kill(actor, no_restart=False)
+            return EvaluationOutcome(
+                status="failed", attempts=attempt, worker_deaths=deaths, slot=slot.name, node=slot.node,
+                error=f"timed out after {policy.timeout:g} s (--candidate-timeout) on {slot.name}; "
+                "its worker was killed and restarted",
+            )
+        except RayActorError as exc:
+            deaths.append(error_summary(exc))
+            logging.getLogger("evomerge").warning(
+                "the worker of %s died under candidate %s.%s (attempt %d of %d): %s",
+                slot.name, request.generation, request.index, attempt, attempts, deaths[-1],
+            )
+        except Exception as exc:  # SlotWorker.run catches a candidate's errors; this is Ray's or ours
+            return EvaluationOutcome(status="failed", attempts=attempt, worker_deaths=deaths,
+                                     slot=slot.name, node=slot.node, error=error_summary(exc))
+    return EvaluationOutcome(
+        status="failed", attempts=attempts, worker_deaths=deaths, slot=slot.name, node=slot.node,
+        error=f"the worker of {slot.name} died {len(deaths)} times under this candidate "
+        f"(--worker-retries {policy.retries}); last: {deaths[-1]}",
+    )
+
+
+def _wait_until_ready(actor, timeout: float) -> None:
+    """Return once the actor answers; Ray reports a restarting actor as unavailable meanwhile."""
+    import ray
+    from ray.exceptions import ActorUnavailableError, GetTimeoutError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            ray.get(actor.describe.remote(), timeout=max(1.0, deadline - time.monotonic()))
+            return
+        except ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise GetTimeoutError(f"the slot's worker did not come back within {timeout:g} s") from None
+            time.sleep(0.5)

@@ -12,14 +12,14 @@ import os
 import platform
 import shutil
 import time
-import traceback
 
 from evomerge.backends.evaluator_hf import HFEvaluator
 from evomerge.backends.merger_disk import DiskMerger
 from evomerge.backends.run_store import RunStore
 from evomerge.core.fitness import MissingMetricError, weighted_score
-from evomerge.core.records import CandidateRequest, EvaluationOutcome, Timings
+from evomerge.core.records import CandidateRequest, EvaluationOutcome, Timings, error_summary
 from evomerge.core.run_spec import RunSpec
+from evomerge.failpoints import failpoint
 
 
 class SlotWorker:
@@ -59,6 +59,7 @@ class SlotWorker:
         out_dir = self.store.scratch_dir(request.key)
         metrics: dict = {}
         try:
+            failpoint("slot-evaluate")  # tests kill, hang or fail the worker here
             t0 = time.perf_counter()
             self.merger.merge(request.merge_config, out_dir)
             timings.merge = time.perf_counter() - t0
@@ -70,7 +71,7 @@ class SlotWorker:
         except MissingMetricError as exc:
             status, error, fatal = "failed", str(exc), True
         except Exception as exc:  # a candidate's failure is data, not the end of the run
-            status, error, fatal = "failed", _short_error(exc), False
+            status, error, fatal = "failed", error_summary(exc), False
         finally:
             shutil.rmtree(out_dir, ignore_errors=True)
         timings.total = time.perf_counter() - started
@@ -89,9 +90,3 @@ def _numeric_metrics(results: dict) -> dict[str, dict[str, float | None]]:
             if k != "alias" and "_stderr" not in k
         }
     return out
-
-
-def _short_error(exc: BaseException) -> str:
-    tb = traceback.extract_tb(exc.__traceback__)
-    where = f" (at {tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno})" if tb else ""
-    return f"{type(exc).__name__}: {exc}{where}"

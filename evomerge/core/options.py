@@ -77,6 +77,14 @@ class RunOptions(BaseModel):
     slot_start_timeout: float = Field(
         120.0, description="Seconds to wait for Ray to place the evaluation slots."
     )
+    candidate_timeout: float = Field(
+        3600.0,
+        description="Seconds one candidate's merge and evaluation may take; past it the candidate "
+        "is failed and its slot's worker restarted.",
+    )
+    worker_retries: int = Field(
+        2, description="Times a candidate is retried when its slot's worker process dies under it."
+    )
 
     @field_validator("max_fevals")
     @classmethod
@@ -106,7 +114,14 @@ class RunOptions(BaseModel):
             raise ValueError("must be at least 1")
         return value
 
-    @field_validator("timeout")
+    @field_validator("worker_retries")
+    @classmethod
+    def _retries(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError("must be 0 or more")
+        return value
+
+    @field_validator("timeout", "candidate_timeout")
     @classmethod
     def _positive_timeout(cls, value: float | None) -> float | None:
         if value is not None and not value > 0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import traceback
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -56,6 +57,14 @@ def candidate_key(merge_config: dict[str, Any], settings: EvaluationSettings) ->
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
+def error_summary(exc: BaseException, limit: int = 500) -> str:
+    """``Type: first line of the message (at file:line)``: what a record keeps of an error."""
+    tb = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno})" if tb else ""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}{where}"[:limit]
+
+
 class CandidateRequest(BaseModel):
     """One candidate to merge and score: what a slot needs, nothing more."""
 
@@ -92,6 +101,8 @@ class EvaluationOutcome(BaseModel):
     timings: Timings = Field(default_factory=Timings)
     node: str = ""
     slot: str = ""
+    attempts: int = 1  # >1: the slot's worker died under it and it was run again
+    worker_deaths: list[str] = Field(default_factory=list)  # how each earlier attempt ended
 
 
 class CandidateRecord(BaseModel):
@@ -111,4 +122,6 @@ class CandidateRecord(BaseModel):
     timings: Timings = Field(default_factory=Timings)
     node: str = ""
     slot: str = ""
+    attempts: int = 1
+    worker_deaths: list[str] = Field(default_factory=list)
     finished_at: float = 0.0

@@ -17,7 +17,7 @@ _NOT_IN_FINGERPRINT = {
     "max_fevals", "timeout", "batch_size", "num_gpus", "cpu_slots", "ray_address",
     "wandb", "wandb_project", "wandb_entity", "save_final_model", "slot_start_timeout",
     "max_failed_fraction", "reshard", "merge_cuda", "strategy", "in_memory",
-    "task_search_path",
+    "task_search_path", "candidate_timeout", "worker_retries",
 }
 
 

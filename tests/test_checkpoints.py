@@ -1,0 +1,133 @@
+"""Generation checkpoints: written after each tell, replayed exactly, damage detected and survived."""
+
+import json
+
+import numpy as np
+import pytest
+
+from evomerge.core.checkpoint import CHECKPOINT_FORMAT_VERSION, CorruptStateError, parse_checkpoint
+from evomerge.search_session import SearchSession
+from test_search_session import make_spec, run
+
+
+def trajectory(storage):
+    """Every asked vector, told score and step size, from the checkpoints on disk."""
+    out = []
+    for path in sorted((storage / "checkpoints").glob("*.json")):
+        cp = json.loads(path.read_text())
+        out.append((cp["generation"], cp["keys"], cp["vectors"], cp["scores_told"], cp["sigma_after"], cp["mean_after"]))
+    return out
+
+
+@pytest.fixture
+def straight(tmp_path):
+    session = run(SearchSession(make_spec(tmp_path / "straight", max_fevals=16, seed=4)))
+    return tmp_path / "straight", session
+
+
+def test_a_checkpoint_per_told_generation_with_a_format_version(straight):
+    storage, session = straight
+    files = sorted(p.name for p in (storage / "checkpoints").iterdir())
+    assert files == ["00000.json", "00001.json", "00002.json", "00003.json"]
+    cp = json.loads((storage / "checkpoints" / "00003.json").read_text())
+    assert cp["format_version"] == CHECKPOINT_FORMAT_VERSION
+    assert cp["sigma_after"] == session.optimizer.sigma
+    assert cp["mean_after"] == session.optimizer.mean.tolist()
+    assert cp["evaluations"] == 16
+
+
+def test_resume_rebuilds_the_optimizer_from_checkpoints_without_records(straight, tmp_path):
+    """The optimizer state comes from the checkpoints alone: with the records gone, resuming
+    still reaches the exact CMA-ES state of the uninterrupted run."""
+    storage, session = straight
+    for record in (storage / "records").iterdir():
+        record.unlink()
+    resumed = SearchSession(make_spec(storage, max_fevals=16, seed=4))
+    assert resumed.generations_done == 4
+    assert resumed.optimizer.sigma == session.optimizer.sigma
+    assert np.array_equal(resumed.optimizer.mean, session.optimizer.mean)
+    assert resumed.restore_notes == []
+
+
+@pytest.mark.parametrize("damage", ["truncated", "foreign-version", "other-search", "empty"])
+def test_a_damaged_checkpoint_is_reported_and_resume_falls_back_to_the_last_good_one(straight, tmp_path, damage):
+    storage, session = straight
+    reference = trajectory(storage)
+    target = storage / "checkpoints" / "00002.json"
+    text = target.read_text()
+    if damage == "truncated":
+        target.write_text(text[: len(text) // 2])
+    elif damage == "foreign-version":
+        target.write_text(text.replace(f'"format_version": {CHECKPOINT_FORMAT_VERSION}', '"format_version": 99'))
+    elif damage == "other-search":
+        cp = json.loads(text)
+        cp["fingerprint"] = "0" * 16
+        target.write_text(json.dumps(cp))
+    else:
+        target.write_text("")
+
+    resumed = SearchSession(make_spec(storage, max_fevals=16, seed=4))
+    (note,) = resumed.restore_notes
+    assert str(target) in note and "last good checkpoint (generation 1)" in note
+    expected_reason = {"truncated": "not valid JSON", "foreign-version": "format version 99",
+                       "other-search": "another search", "empty": "is empty"}[damage]
+    assert expected_reason in note
+
+    evaluated = []
+    original = resumed.record_outcome
+    resumed.record_outcome = lambda req, out, round_trip=0.0: (evaluated.append(req.key), original(req, out, round_trip))[1]
+    run(resumed)
+    assert evaluated == [], "generations 2 and 3 are replayed from their records"
+    assert resumed.generations_done == 4
+    assert trajectory(storage) == reference, "checkpoints 2 and 3 written again, identical"
+
+
+def test_a_checkpoint_from_another_optimizer_is_refused_not_followed(straight):
+    storage, _ = straight
+    target = storage / "checkpoints" / "00001.json"
+    cp = json.loads(target.read_text())
+    cp["vectors"][0][0] += 1e-12  # what another pycma version asking other vectors looks like
+    target.write_text(json.dumps(cp))
+    with pytest.raises(CorruptStateError, match="asks other vectors than the checkpoint recorded"):
+        SearchSession(make_spec(storage, max_fevals=16, seed=4))
+
+
+def test_parse_checkpoint_checks_shape_and_generation():
+    base = {"format_version": CHECKPOINT_FORMAT_VERSION, "fingerprint": "f", "generation": 3,
+            "keys": ["a", "b"], "vectors": [[0.1], [0.2]], "scores_told": [1.0], "sigma_after": 0.1,
+            "mean_after": [0.1], "evaluations": 2}
+    with pytest.raises(CorruptStateError, match="2 keys, 2 vectors and 1 scores"):
+        parse_checkpoint(json.dumps(base), "cp", "f", 3)
+    base["scores_told"] = [1.0, 2.0]
+    assert parse_checkpoint(json.dumps(base), "cp", "f", 3).generation == 3
+    with pytest.raises(CorruptStateError, match="holds generation 3, not 4"):
+        parse_checkpoint(json.dumps(base), "cp", "f", 4)
+    with pytest.raises(CorruptStateError, match="not a checkpoint"):
+        parse_checkpoint("[1, 2]", "cp", "f", 3)
+
+
+def test_a_disk_that_fills_up_at_a_checkpoint_stops_the_run_and_resume_finishes_it(straight, tmp_path, monkeypatch):
+    import errno
+
+    from evomerge.backends import run_store
+    from evomerge.backends.run_store import StorageError
+
+    real_write = run_store._write_local_atomically
+
+    def full_at_checkpoint_2(target, data, failpoint_name=None):
+        if target.endswith("checkpoints/00002.json"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(target, data, failpoint_name)
+
+    storage = tmp_path / "full"
+    monkeypatch.setattr(run_store, "_write_local_atomically", full_at_checkpoint_2)
+    with pytest.raises(StorageError, match="00002.json: No space left on device"):
+        run(SearchSession(make_spec(storage, max_fevals=16, seed=4)))
+    assert sorted(p.name for p in (storage / "checkpoints").iterdir()) == ["00000.json", "00001.json"]
+    monkeypatch.setattr(run_store, "_write_local_atomically", real_write)
+
+    resumed = SearchSession(make_spec(storage, max_fevals=16, seed=4))
+    assert resumed.generations_done == 3, "generation 2 was recorded whole: told again from its records"
+    assert resumed.restore_notes == []
+    run(resumed)
+    assert trajectory(storage) == trajectory(straight[0])
