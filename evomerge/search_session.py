@@ -192,6 +192,8 @@ class SearchSession:
             timings=outcome.timings.model_copy(update={"round_trip": round_trip}),
             node=outcome.node,
             slot=outcome.slot,
+            merge_node_id=outcome.merge_node_id,
+            eval_node_id=outcome.eval_node_id,
             attempts=outcome.attempts,
             worker_deaths=outcome.worker_deaths,
             finished_at=time.time(),

@@ -1,42 +1,89 @@
 """Flow ``generation``: one CMA-ES generation, fanned out over the slots on a RayTaskRunner.
 
-Each candidate is a ``merge-and-evaluate`` task tagged with its strategy, slot and node (visible
-in the Prefect UI); a slot takes the next candidate as soon as it is free. Each result is
-recorded the moment it arrives.
+Strategies (``--strategy``), each task tagged with its strategy, slot and node in the Prefect UI:
+
+- ``pool``: one ``merge-and-evaluate`` task per candidate; the slot's actor merges and scores it.
+- ``serial``: a ``merge-candidate`` task pinned to the slot's node (Ray node affinity, hard), then
+  an ``evaluate-candidate`` task on the slot; the slot waits while its next candidate merges.
+- ``buffered``: the same two tasks, with one merge per slot running ahead of its evaluation.
+
+A slot takes its next candidate as soon as it is free; each result is recorded the moment it
+arrives.
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 
 from prefect import flow, tags
 from prefect_ray.context import remote_options
 
-from evomerge.backends.dispatch import dispatch_to_slots, wait_for_first
+from evomerge.backends.dispatch import dispatch_pipelined, dispatch_to_slots, wait_for_first
 from evomerge.backends.prefect_artifacts import publish_candidates
 from evomerge.backends.slot_pool import CandidatePolicy, SlotRef
 from evomerge.core.records import CandidateRecord, CandidateRequest, EvaluationOutcome, error_summary
 from evomerge.search_session import SearchSession
+from tasks.evaluate_candidate import evaluate_candidate
 from tasks.merge_and_evaluate import merge_and_evaluate
+from tasks.merge_candidate import merge_candidate
+
+log = logging.getLogger("evomerge")
 
 
-def _submitter(policy: CandidatePolicy):
-    def submit(request: CandidateRequest, slot: SlotRef):
-        logging.getLogger("evomerge").info(
-            "candidate %d.%d %s started on %s", request.generation, request.index, request.key, slot.name
-        )
-        # The task only waits on its slot's actor, which holds the slot's CPU or GPU: it asks
-        # Ray for no resources of its own.
-        with tags("strategy:pool", f"slot:{slot.name}", f"node:{slot.node}"), remote_options(num_cpus=0):
-            return merge_and_evaluate.with_options(
-                task_run_name=f"candidate-{request.generation}.{request.index}"
-            ).submit(request, slot, policy)
+@contextmanager
+def _placed(strategy: str, slot: SlotRef, pin_to_node: bool = False):
+    # Tasks that call a slot's actor ask Ray for no resources: the actor holds the slot's CPU or
+    # GPU. A merge task of serial/buffered runs on the slot's node (hard node affinity: the
+    # folder it writes is read there) and uses the slot's compute, which the dispatcher keeps
+    # for this candidate.
+    placement = {"num_cpus": 0}
+    if pin_to_node:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return submit
+        placement["scheduling_strategy"] = NodeAffinitySchedulingStrategy(slot.node_id, soft=False)
+    with tags(f"strategy:{strategy}", f"slot:{slot.name}", f"node:{slot.node}:{slot.node_id[:8]}"), \
+            remote_options(**placement):
+        yield
+
+
+def _started(request: CandidateRequest, slot: SlotRef) -> str:
+    log.info("candidate %d.%d %s started on %s", request.generation, request.index, request.key, slot.name)
+    return f"{request.generation}.{request.index}"
 
 
 def _crashed_task_outcome(request: CandidateRequest, exc: Exception) -> EvaluationOutcome:
     return EvaluationOutcome(status="failed", error=error_summary(exc))
+
+
+def _dispatch(session: SearchSession, requests: list[CandidateRequest], slots: list[SlotRef]):
+    options = session.spec.options
+    policy = CandidatePolicy.from_options(options)
+    if options.strategy == "pool":
+        def submit(request, slot):
+            name = _started(request, slot)
+            with _placed("pool", slot):
+                return merge_and_evaluate.with_options(task_run_name=f"candidate-{name}").submit(request, slot, policy)
+
+        return dispatch_to_slots(requests, slots, submit=submit, wait_first=wait_for_first,
+                                 on_result=session.record_outcome, on_error=_crashed_task_outcome)
+
+    def submit_merge(request, slot):
+        name = _started(request, slot)
+        with _placed(options.strategy, slot, pin_to_node=True):
+            return merge_candidate.with_options(task_run_name=f"merge-{name}").submit(session.spec, request)
+
+    def submit_evaluate(request, slot, merged):
+        with _placed(options.strategy, slot):
+            return evaluate_candidate.with_options(
+                task_run_name=f"evaluate-{request.generation}.{request.index}"
+            ).submit(request, slot, merged, policy)
+
+    return dispatch_pipelined(
+        requests, slots, submit_merge=submit_merge, submit_evaluate=submit_evaluate,
+        wait_first=wait_for_first, on_result=session.record_outcome, on_error=_crashed_task_outcome,
+        lookahead=0 if options.strategy == "serial" else 1,
+    )
 
 
 @flow(name="generation", flow_run_name="generation-{generation}")
@@ -47,9 +94,6 @@ def generation(
     session_id: str,
 ) -> list[CandidateRecord]:
     session = SearchSession.active(session_id)
-    records = dispatch_to_slots(
-        requests, slots, submit=_submitter(CandidatePolicy.from_options(session.spec.options)), wait_first=wait_for_first,
-        on_result=session.record_outcome, on_error=_crashed_task_outcome,
-    )
+    records = _dispatch(session, requests, slots)
     publish_candidates(session, generation, records)
     return records

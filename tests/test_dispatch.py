@@ -63,3 +63,70 @@ def test_a_crashed_task_is_one_failed_candidate_and_its_slot_goes_on():
 def test_no_slots_is_an_error():
     with pytest.raises(ValueError):
         dispatch_to_slots(["a"], [], None, None, None, None)
+
+
+def run_pipelined(requests, slots, merge_seconds, eval_seconds, lookahead):
+    """Drive dispatch_pipelined on a simulated clock; returns (results, intervals, end time)."""
+    from evomerge.backends.dispatch import dispatch_pipelined
+
+    clock = {"now": 0.0}
+    intervals = []  # (slot, stage, request, start, end)
+
+    class Timed:
+        def __init__(self, value, stage, request, slot, seconds):
+            self.value, self.stage, self.request, self.slot = value, stage, request, slot
+            self.start, self.finish_at = clock["now"], clock["now"] + seconds
+
+        def result(self):
+            if self.request.startswith("bad") and self.stage == "merge":
+                raise RuntimeError("merge task crashed")
+            return self.value
+
+    def submit_merge(request, slot):
+        return Timed(f"merged:{request}", "merge", request, slot, merge_seconds)
+
+    def submit_evaluate(request, slot, merged):
+        assert merged == f"merged:{request}"
+        return Timed(f"{request}@{slot}", "evaluate", request, slot, eval_seconds)
+
+    def wait_first(futures):
+        first = min(futures, key=lambda f: (f.finish_at, f.request))
+        clock["now"] = first.finish_at
+        intervals.append((first.slot, first.stage, first.request, first.start, first.finish_at))
+        return first
+
+    results = dispatch_pipelined(
+        requests, slots, submit_merge, submit_evaluate, wait_first,
+        on_result=lambda req, out, seconds: out, on_error=lambda req, exc: f"failed: {exc}",
+        lookahead=lookahead,
+    )
+    return results, intervals, clock["now"]
+
+
+def evaluations_of(intervals, slot):
+    return sorted((start, end) for s, stage, _, start, end in intervals if s == slot and stage == "evaluate")
+
+
+def test_serial_merges_then_evaluates_one_candidate_at_a_time_per_slot():
+    results, intervals, end = run_pipelined(list("abcd"), ["s0", "s1"], merge_seconds=1, eval_seconds=3, lookahead=0)
+    assert sorted(results) == ["a@s0", "b@s1", "c@s0", "d@s1"]
+    for slot in ("s0", "s1"):
+        spans = sorted((start, end) for s, _, _, start, end in intervals if s == slot)
+        assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:])), "nothing overlaps on a slot"
+    assert end == 8  # per slot: merge 1 + evaluate 3, twice
+
+
+def test_buffered_merges_ahead_so_a_slot_does_not_wait_for_merges():
+    results, intervals, end = run_pipelined(list("abcdef"), ["s0", "s1"], merge_seconds=1, eval_seconds=3, lookahead=1)
+    assert sorted(results) == ["a@s0", "b@s1", "c@s0", "d@s1", "e@s0", "f@s1"]
+    for slot in ("s0", "s1"):
+        evaluations = evaluations_of(intervals, slot)
+        assert len(evaluations) == 3
+        gaps = [b_start - a_end for (_, a_end), (b_start, _) in zip(evaluations, evaluations[1:])]
+        assert gaps == [0, 0], "after the first merge, the slot evaluates back to back"
+    assert end == 1 + 3 * 3  # serial would take 3 x (1 + 3) = 12
+
+
+def test_a_crashed_merge_task_is_one_failed_candidate():
+    results, _, _ = run_pipelined(["a", "bad", "c"], ["s0"], merge_seconds=1, eval_seconds=1, lookahead=1)
+    assert sorted(results) == ["a@s0", "c@s0", "failed: merge task crashed"]

@@ -51,9 +51,8 @@ def test_every_upstream_flag_is_accepted():
 @pytest.mark.parametrize(
     "values, fragment",
     [
-        ({"strategy": "buffered"}, "--strategy buffered is not available yet"),
-        ({"in_memory": True}, "--in-memory is not available yet"),
-        ({"vllm": True}, "--vllm is not available yet"),
+        ({"strategy": "buffered", "in_memory": True}, "--in-memory merges inside the slot"),
+        ({"vllm": True, "in_memory": True}, "--in-memory with --vllm"),
         ({"wandb": True}, "--wandb is not available yet"),
         ({"max_fevals": 0}, "max_fevals: must be at least 1"),
         ({"popsize": 1}, "popsize: must be at least 2"),
@@ -68,7 +67,7 @@ def test_unbuilt_or_bad_options_fail_clearly(values, fragment):
 def test_cli_reports_bad_options_before_any_work(tmp_path):
     config = tmp_path / "c.yml"
     config.write_text("genome: {models: [/a, /b], merge_method: linear}\ntasks: [t]\n")
-    result = CliRunner().invoke(main, [str(config), "--storage-path", str(tmp_path / "s"), "--in-memory"])
+    result = CliRunner().invoke(main, [str(config), "--storage-path", str(tmp_path / "s"), "--wandb"])
     assert result.exit_code == 2
-    assert "--in-memory is not available yet" in result.output
+    assert "--wandb is not available yet" in result.output
     assert not (tmp_path / "s").exists()

@@ -59,3 +59,26 @@ def test_a_metric_no_task_produces_is_fatal(tiny_models, tmp_path):
     outcome = SlotWorker(spec, "s").run(request_for(spec, [0.5] * 4))
     assert outcome.fatal
     assert "task 'tiny_rev' does not produce metric 'exact_match,none'; it produces acc,none" in outcome.error
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "linear", "slerp"])
+def test_in_memory_scores_equal_on_disk_scores(tiny_models, tmp_path, method):
+    """--in-memory merges into a resident model and scores it through one HFLM: the same metrics
+    as mergekit's folder reloaded by lm-eval, for every method whose merge is deterministic."""
+    genome = {"merge_method": method}
+    if method in ("linear", "slerp"):
+        genome["models"] = [str(tiny_models["shift_expert"]), str(tiny_models["rev_expert"])]
+        genome["base_model"] = str(tiny_models["shift_expert"]) if method == "slerp" else None
+    config = write_config(tmp_path / "c.yml", tiny_models, limit=16, genome=genome)
+    options = dict(task_search_path=[str(TASKS_DIR)])
+    on_disk = prepare_run(str(config), str(tmp_path / "disk"), build_options(**options))
+    in_memory = prepare_run(str(config), str(tmp_path / "mem"), build_options(in_memory=True, **options))
+    disk_worker, memory_worker = SlotWorker(on_disk, "d"), SlotWorker(in_memory, "m")
+    rng = np.random.default_rng(0)
+    for index in range(3):
+        x = rng.uniform(0.05, 0.95, on_disk.search_space().dimension)
+        expected = disk_worker.run(request_for(on_disk, x, index))
+        got = memory_worker.run(request_for(in_memory, x, index))
+        assert expected.status == got.status == "ok", (expected.error, got.error)
+        assert got.metrics == expected.metrics
+        assert got.timings.load == 0.0, "nothing is loaded per candidate"

@@ -55,6 +55,76 @@ def dispatch_to_slots(
     return results
 
 
+def dispatch_pipelined(
+    requests: Sequence[Any],
+    slots: Sequence[Any],
+    submit_merge: Callable[[Any, Any], Any],
+    submit_evaluate: Callable[[Any, Any, Any], Any],
+    wait_first: Callable[[list[Any]], Any],
+    on_result: Callable[[Any, Any, float], R],
+    on_error: Callable[[Any, Exception], Any],
+    lookahead: int,
+) -> list[R]:
+    """Serial and buffered strategies: a merge task, then the slot's evaluation of its output.
+
+    A candidate is given to a slot when its merge starts (the merge task runs on the slot's node,
+    which then holds the folder), and is evaluated by that slot once merged. ``lookahead`` is how
+    many candidates may be merged or merging for a slot while it evaluates: 0 is ``serial`` (a
+    slot waits for each merge), 1 or more is ``buffered`` (merges run ahead, so once the pipeline
+    is full a slot waits for a merge only when merging is slower than evaluating).
+    ``submit_merge(request, slot)`` and ``submit_evaluate(request, slot, merged)`` return
+    futures; ``on_result(request, outcome, seconds)`` gets the seconds from the start of the
+    merge to the result; a future that raises becomes ``on_error(request, exception)``.
+    """
+    if not slots:
+        raise ValueError("no evaluation slots")
+    pending = deque(requests)
+    merged_ready: dict[Any, deque] = {slot: deque() for slot in slots}
+    merging = dict.fromkeys(slots, 0)
+    evaluating = dict.fromkeys(slots, False)
+    in_flight: dict[Any, tuple[str, Any, Any, float]] = {}
+    results: list[R] = []
+
+    def fill(slot, ahead: int) -> None:
+        capacity = ahead + (0 if evaluating[slot] else 1)
+        while pending and merging[slot] + len(merged_ready[slot]) < capacity:
+            request = pending.popleft()
+            in_flight[submit_merge(request, slot)] = ("merge", request, slot, time.perf_counter())
+            merging[slot] += 1
+        if not evaluating[slot] and merged_ready[slot]:
+            request, merged, started = merged_ready[slot].popleft()
+            in_flight[submit_evaluate(request, slot, merged)] = ("evaluate", request, slot, started)
+            evaluating[slot] = True
+
+    try:
+        while True:
+            # Every slot gets its next candidate before any slot gets one to merge ahead.
+            for ahead in range(lookahead + 1):
+                for slot in slots:
+                    fill(slot, ahead)
+            if not in_flight:
+                break
+            done = wait_first(list(in_flight))
+            stage, request, slot, started = in_flight.pop(done)
+            if stage == "merge":
+                merging[slot] -= 1
+            else:
+                evaluating[slot] = False
+            try:
+                value = done.result()
+            except Exception as exc:
+                results.append(on_result(request, on_error(request, exc), time.perf_counter() - started))
+                continue
+            if stage == "merge":
+                merged_ready[slot].append((request, value, started))
+            else:
+                results.append(on_result(request, value, time.perf_counter() - started))
+    finally:
+        for future in in_flight:
+            _cancel(future)
+    return results
+
+
 def wait_for_first(futures: list[Any]) -> Any:
     """The first finished of some PrefectRayFutures (waits on their Ray object refs)."""
     import ray

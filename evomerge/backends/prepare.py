@@ -8,6 +8,7 @@ names the file, field, model or task and says how to fix it.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
 import os
 from collections.abc import Sequence
@@ -192,6 +193,18 @@ def prepare_run(
             f"task {names} is a public benchmark; optimizing a merge against its test set games "
             "the benchmark. Use a task of your own, or pass "
             "--i-understand-the-depths-of-the-evils-i-am-unleashing"
+        )
+    if options.vllm and importlib.util.find_spec("vllm") is None:
+        raise ConfigurationError(
+            "--vllm: the vllm package is not installed here. Install it with "
+            "pip install 'evomerge[vllm]' (it needs a CUDA GPU), or leave --vllm off "
+            "(lm-eval's hf backend scores the merges)"
+        )
+    if options.in_memory and config.genome.tokenizer_source:
+        raise ConfigurationError(
+            f"{config_path}: genome.tokenizer_source: --in-memory keeps one resident model with "
+            "its own vocabulary and cannot rebuild embeddings for another tokenizer. Leave "
+            "tokenizer_source out, or drop --in-memory (merges then go through disk)"
         )
     models = inspect_models(config, options.trust_remote_code)
     try:

@@ -13,9 +13,14 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from evomerge.core.records import CandidateRequest, EvaluationOutcome, error_summary
 from evomerge.core.run_spec import RunSpec
+
+
+if TYPE_CHECKING:
+    from evomerge.backends.slot_worker import MergedCandidate
 
 
 class SlotStartError(RuntimeError):
@@ -177,8 +182,11 @@ class CandidatePolicy:
         return cls(options.candidate_timeout, options.worker_retries, options.slot_start_timeout)
 
 
-def run_on_slot(slot: SlotRef, request: CandidateRequest, policy: CandidatePolicy) -> EvaluationOutcome:
-    """Merge and score one candidate on the given slot's actor (blocks until done).
+def run_on_slot(
+    slot: SlotRef, request: CandidateRequest, policy: CandidatePolicy, merged: MergedCandidate | None = None
+) -> EvaluationOutcome:
+    """Merge and score one candidate on the given slot's actor (blocks until done); with
+    ``merged`` (serial and buffered strategies), score the folder a merge task made instead.
 
     Never raises for the candidate's sake: a worker that dies under it is replaced by Ray and
     the candidate retried up to ``policy.retries`` times; a candidate still running after
@@ -195,7 +203,8 @@ def run_on_slot(slot: SlotRef, request: CandidateRequest, policy: CandidatePolic
         actor = ray.get_actor(slot.actor_name, namespace=slot.namespace)
         try:
             _wait_until_ready(actor, policy.worker_start_timeout)
-            outcome = ray.get(actor.run.remote(request), timeout=policy.timeout)
+            call = actor.run.remote(request) if merged is None else actor.evaluate_merged.remote(request, merged)
+            outcome = ray.get(call, timeout=policy.timeout)
             return outcome.model_copy(update={"attempts": attempt, "worker_deaths": deaths})
         except GetTimeoutError:
             ray.kill(actor, no_restart=False)

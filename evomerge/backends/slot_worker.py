@@ -12,6 +12,7 @@ import os
 import platform
 import shutil
 import time
+from dataclasses import dataclass
 
 from evomerge.backends.evaluator_hf import HFEvaluator
 from evomerge.backends.merger_disk import DiskMerger
@@ -35,50 +36,144 @@ class SlotWorker:
             torch.set_num_threads(threads)
         self.store = RunStore(spec.storage_path)
         self.merger = DiskMerger(spec.options, use_cuda=use_cuda and spec.options.merge_cuda)
-        self.evaluator = HFEvaluator(
-            spec.evaluation,
-            spec.options.task_search_path,
-            spec.include_default_tasks,
-            device="cuda" if use_cuda else "cpu",
-            # Upstream passes None (lm-eval's 1). On a GPU, "auto" finds the largest batch that
-            # fits; on a CPU, 16 keeps a small model's evaluation from being all overhead.
-            batch_size=spec.options.batch_size or ("auto" if use_cuda else 16),
+        device = "cuda" if use_cuda else "cpu"
+        # Upstream passes None (lm-eval's 1). On a GPU, "auto" finds the largest batch that
+        # fits; on a CPU, 16 keeps a small model's evaluation from being all overhead.
+        batch_size = spec.options.batch_size or ("auto" if use_cuda else 16)
+        evaluator_args = dict(
+            device=device,
+            batch_size=batch_size,
             dtype=spec.models.dtype,
             trust_remote_code=spec.options.trust_remote_code,
         )
+        if spec.options.vllm:
+            from evomerge.backends.evaluator_vllm import VLLMEvaluator
 
-    def describe(self) -> dict[str, str]:
+            evaluator_args["seed"] = spec.options.seed
+            evaluator_cls = VLLMEvaluator
+        else:
+            evaluator_cls = HFEvaluator
+        self.evaluator = evaluator_cls(
+            spec.evaluation, spec.options.task_search_path, spec.include_default_tasks, **evaluator_args
+        )
+        self.resident = None
+        if spec.options.in_memory:
+            from evomerge.backends.resident_model import ResidentModel
+
+            self.resident = ResidentModel(spec, device=device, batch_size=batch_size)
+
+    @property
+    def node_id(self) -> str:
+        """The Ray node this worker runs on ("" outside Ray)."""
         import ray
 
-        node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
-        return {"slot": self.slot, "node": self.node, "node_id": node_id, "pid": str(os.getpid())}
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+    def describe(self) -> dict[str, str]:
+        return {"slot": self.slot, "node": self.node, "node_id": self.node_id, "pid": str(os.getpid())}
 
     def run(self, request: CandidateRequest) -> EvaluationOutcome:
-        started = time.perf_counter()
-        timings = Timings()
+        """Pool strategy: merge and score in this worker (in place with --in-memory)."""
         out_dir = self.store.scratch_dir(request.key)
-        metrics: dict = {}
-        try:
-            failpoint("slot-evaluate")  # tests kill, hang or fail the worker here
+
+        def merge_and_score(timings: Timings) -> dict:
+            if self.resident is not None:
+                timings.merge = self.resident.merge(request.merge_config)
+                t0 = time.perf_counter()
+                results = self.evaluator.score(self.resident.lm)
+                timings.evaluate = time.perf_counter() - t0
+                return results
             t0 = time.perf_counter()
             self.merger.merge(request.merge_config, out_dir)
             timings.merge = time.perf_counter() - t0
-            result = self.evaluator.evaluate(out_dir)
-            timings.load, timings.evaluate = result.load_seconds, result.evaluate_seconds
-            metrics = _numeric_metrics(result.results)
-            weighted_score(result.results, self.spec.config.tasks)  # raises on a bad metric
+            return self._score_folder(out_dir, timings)
+
+        return self._outcome(merge_and_score, cleanup=out_dir, merge_node_id=self.node_id)
+
+    def evaluate_merged(self, request: CandidateRequest, merged: MergedCandidate) -> EvaluationOutcome:
+        """Serial and buffered strategies: score a folder merged by a merge task on this node."""
+
+        def score(timings: Timings) -> dict:
+            timings.merge = merged.seconds
+            if merged.error:
+                raise CandidateMergeError(merged.error)
+            return self._score_folder(merged.path, timings)
+
+        return self._outcome(score, cleanup=merged.path, merge_node_id=merged.node_id)
+
+    def _score_folder(self, path: str, timings: Timings) -> dict:
+        result = self.evaluator.evaluate(path)
+        timings.load, timings.evaluate = result.load_seconds, result.evaluate_seconds
+        return result.results
+
+    def _outcome(self, work, *, cleanup: str, merge_node_id: str) -> EvaluationOutcome:
+        """Run ``work(timings) -> lm-eval results`` and turn whatever happens into an outcome."""
+        started = time.perf_counter()
+        timings = Timings()
+        metrics: dict = {}
+        try:
+            failpoint("slot-evaluate")  # tests kill, hang or fail the worker here
+            results = work(timings)
+            metrics = _numeric_metrics(results)
+            weighted_score(results, self.spec.config.tasks)  # raises on a bad metric
             status, error, fatal = "ok", None, False
         except MissingMetricError as exc:
             status, error, fatal = "failed", str(exc), True
+        except CandidateMergeError as exc:
+            status, error, fatal = "failed", str(exc), False
         except Exception as exc:  # a candidate's failure is data, not the end of the run
             status, error, fatal = "failed", error_summary(exc), False
         finally:
-            shutil.rmtree(out_dir, ignore_errors=True)
+            shutil.rmtree(cleanup, ignore_errors=True)
         timings.total = time.perf_counter() - started
         return EvaluationOutcome(
             status=status, metrics=metrics, error=error, fatal=fatal, timings=timings,
-            node=self.node, slot=self.slot,
+            node=self.node, slot=self.slot, merge_node_id=merge_node_id, eval_node_id=self.node_id,
         )
+
+
+class CandidateMergeError(RuntimeError):
+    """The merge task of a serial or buffered candidate failed (its message is the record's error)."""
+
+
+@dataclass(frozen=True)
+class MergedCandidate:
+    """What a merge task hands to the evaluating slot: a folder on the slot's node, or an error."""
+
+    path: str
+    seconds: float
+    node_id: str
+    error: str | None = None
+
+
+def merge_to_folder(spec: RunSpec, request: CandidateRequest) -> MergedCandidate:
+    """The merge task of the serial and buffered strategies (runs in a Ray worker pinned to the
+    slot's node). A failure is returned, not raised: the slot records it as the candidate's."""
+    import ray
+    import torch
+
+    node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    path = RunStore(spec.storage_path).scratch_dir(request.key)
+    started = time.perf_counter()
+    try:
+        shutil.rmtree(path, ignore_errors=True)  # a merge left behind by a stopped run
+        merger = _disk_merger(spec.options, torch.cuda.is_available() and spec.options.merge_cuda)
+        merger.merge(request.merge_config, path)
+        return MergedCandidate(path, time.perf_counter() - started, node_id)
+    except Exception as exc:
+        shutil.rmtree(path, ignore_errors=True)
+        return MergedCandidate(path, time.perf_counter() - started, node_id, f"merge failed: {error_summary(exc)}")
+
+
+_MERGERS: dict[tuple[str, bool], DiskMerger] = {}
+
+
+def _disk_merger(options, use_cuda: bool) -> DiskMerger:
+    # Ray reuses worker processes for later tasks of the run: build mergekit's options once each.
+    key = (options.model_dump_json(), use_cuda)
+    if key not in _MERGERS:
+        _MERGERS[key] = DiskMerger(options, use_cuda=use_cuda)
+    return _MERGERS[key]
 
 
 def _numeric_metrics(results: dict) -> dict[str, dict[str, float | None]]:

@@ -17,10 +17,6 @@ Strategy = Literal["pool", "buffered", "serial"]
 
 # Options whose feature is planned but not built: selecting one fails before any work starts.
 NOT_AVAILABLE_YET: dict[str, str] = {
-    "strategy:buffered": "--strategy buffered is not available yet; use --strategy pool",
-    "strategy:serial": "--strategy serial is not available yet; use --strategy pool",
-    "in_memory": "--in-memory is not available yet; leave it off (merges go through disk)",
-    "vllm": "--vllm is not available yet; leave it off (scoring uses lm-eval's hf backend)",
     "wandb": "--wandb is not available yet; leave it off (watch the run in the Prefect UI)",
     "load_in_8bit": "--load-in-8bit is not available yet; leave it off",
     "load_in_4bit": "--load-in-4bit is not available yet; leave it off",
@@ -139,16 +135,23 @@ class RunOptions(BaseModel):
     def _exclusive_quantization(self) -> RunOptions:
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("choose one of --load-in-8bit and --load-in-4bit, not both")
+        if self.in_memory and self.vllm:
+            raise ValueError(
+                "--in-memory with --vllm (weight updates of a resident vLLM engine) is not "
+                "available yet; use --vllm alone (on-disk merges) or --in-memory alone (hf)"
+            )
+        if self.in_memory and self.strategy != "pool":
+            raise ValueError(
+                f"--in-memory merges inside the slot that scores the candidate (--strategy pool); "
+                f"--strategy {self.strategy} merges in separate tasks through disk. Choose one"
+            )
         return self
 
     def unavailable_features(self) -> list[str]:
         """Messages for every chosen option whose feature is not built yet."""
-        chosen = []
-        if self.strategy != "pool":
-            chosen.append(f"strategy:{self.strategy}")
-        chosen += [
+        chosen = [
             name
-            for name in ("in_memory", "vllm", "wandb", "load_in_8bit", "load_in_4bit")
+            for name in ("wandb", "load_in_8bit", "load_in_4bit")
             if getattr(self, name)
         ]
         return [NOT_AVAILABLE_YET[name] for name in chosen]

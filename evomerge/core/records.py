@@ -99,8 +99,11 @@ class EvaluationOutcome(BaseModel):
     # the run stops at the first one instead of spending a generation on it.
     fatal: bool = False
     timings: Timings = Field(default_factory=Timings)
-    node: str = ""
+    node: str = ""  # host name of the evaluating node
     slot: str = ""
+    # Ray node ids of where the merge and the evaluation ran (one host can run several nodes).
+    merge_node_id: str = ""
+    eval_node_id: str = ""
     attempts: int = 1  # >1: the slot's worker died under it and it was run again
     worker_deaths: list[str] = Field(default_factory=list)  # how each earlier attempt ended
 
@@ -122,6 +125,8 @@ class CandidateRecord(BaseModel):
     timings: Timings = Field(default_factory=Timings)
     node: str = ""
     slot: str = ""
+    merge_node_id: str = ""
+    eval_node_id: str = ""
     attempts: int = 1
     worker_deaths: list[str] = Field(default_factory=list)
     finished_at: float = 0.0

@@ -24,8 +24,9 @@ Decoding follows upstream ``mergekit.evo.genome``: a weight is taken as its abso
 
 Tensors outside the layer blocks. A ``slices`` configuration gives them, as mergekit does, the
 parameters of the first group (token embeddings) and of the last group (final norm, lm_head). With
-``smooth: true`` the parameters are gradients over layers and mergekit applies the gradient's
-first value to the embeddings and its last to the final norm and lm_head.
+``smooth: true`` the parameters are gradients over layers, and mergekit 0.1.5 applies the
+gradient's first value to the embeddings and also to the final norm and lm_head (checked against
+its output in tests/test_merger_memory.py).
 """
 
 from __future__ import annotations

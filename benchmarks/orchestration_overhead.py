@@ -1,0 +1,192 @@
+"""Orchestration overhead: the full pipeline (CLI -> Prefect -> Ray) against a bare loop that
+makes the same library calls (no Prefect, no Ray), on the same candidates.
+
+    python benchmarks/orchestration_overhead.py [--max-fevals 20] [--popsize 4] [--seed 0] [--keep]
+
+Run from the repository root (models: python examples/tiny/make_models.py --out examples/tiny/models).
+Both sides run the tiny example in a fresh process and a fresh storage path, with one evaluation
+slot and one torch thread, so they do the same sequential work:
+
+1. bare loop: prepare_run -> SearchSession -> next_generation / SlotWorker.run / record_outcome /
+   finish_generation, in one plain Python process;
+2. pipeline: ``python -m evomerge.cli ... --cpu-slots 1``, with its private Prefect server
+   (PREFECT_API_URL unset) and a private Ray, i.e. what a user runs.
+
+Times come from the parent (process start and exit) and from the records (finished_at, timings),
+so both sides are measured the same way. The final-model merge is off on both sides: it is the
+same library call either way and is not orchestration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = "examples/tiny/config.yml"
+TASKS = "examples/tiny/tasks"
+
+
+def bare_loop(storage: str, max_fevals: int, popsize: int, seed: int) -> None:
+    """The child process of side 1: the loop of flows/evolve.py and the slot call of the pool
+    strategy, with the orchestration taken out."""
+    from evomerge.backends.prepare import build_options, prepare_run
+    from evomerge.backends.run_lease import RunLease
+    from evomerge.backends.run_store import RunStore
+    from evomerge.backends.slot_worker import SlotWorker
+    from evomerge.search_session import SearchSession
+
+    options = build_options(max_fevals=max_fevals, popsize=popsize, seed=seed, cpu_slots=1,
+                            task_search_path=[TASKS], save_final_model=False)
+    spec = prepare_run(CONFIG, storage, options)
+    store = RunStore(spec.storage_path)
+    with RunLease(store):  # run_search holds it too; it is storage, not orchestration
+        session = SearchSession(spec, store)
+        worker = SlotWorker(spec, "slot-0", threads=1)  # the pipeline's CPU slot gets num_cpus=1
+        while (reason := session.should_stop()) is None:
+            plan = session.next_generation()
+            for request in plan.to_evaluate:
+                # round_trip measured as dispatch.py does: submission to result, here a plain call
+                t0 = time.perf_counter()
+                outcome = worker.run(request)
+                session.record_outcome(request, outcome, time.perf_counter() - t0)
+            session.finish_generation(plan)
+        session.finished_reason = reason
+        session.write_summary()
+        session.close()
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               # same BLAS/torch threads in every process of both sides (Ray sets this for its
+               # workers from num_cpus=1; the bare process gets it here)
+               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env.pop("PREFECT_API_URL", None)  # the CLI starts its private server, as for a user
+    return env
+
+
+def run_side(cmd: list[str], log_path: Path) -> tuple[float, float]:
+    """Run one side in a fresh process; (start, end) epoch seconds around it."""
+    with open(log_path, "w") as log:
+        start = time.time()
+        rc = subprocess.run(cmd, check=False, cwd=ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT).returncode
+        end = time.time()
+    if rc != 0:
+        sys.exit(f"{shlex.join(cmd)} exited with {rc}; its output is in {log_path}")
+    return start, end
+
+
+def measure(storage: Path, start: float, end: float) -> dict:
+    records = sorted((json.loads(p.read_text()) for p in (storage / "records").glob("*.json")),
+                     key=lambda r: r["finished_at"])
+    done = np.array([r["finished_at"] for r in records])
+    total = np.array([r["timings"]["total"] for r in records])
+    trip = np.array([r["timings"]["round_trip"] for r in records])
+    first_submitted = done[0] - trip[0]  # finished_at is stamped right after the round trip ends
+    return {
+        "scores": {r["key"]: r["score"] for r in records},
+        "failed": sum(r["status"] != "ok" for r in records),
+        "wall": end - start,
+        "startup": first_submitted - start,  # process start -> first candidate submitted
+        "steady": done[-1] - first_submitted,  # first submitted -> last recorded
+        "shutdown": end - done[-1],  # last recorded -> process exit (server/Ray stop)
+        "slot": total.mean(),
+        "trip": trip.mean(),
+        "orch": (trip - total).mean(),
+        "gap": np.diff(done).mean() if len(done) > 1 else float("nan"),
+    }
+
+
+def first_started_from_log(log_path: Path, start: float) -> float | None:
+    """Cross-check: the CLI's 'candidate G.I KEY started on slot-0' line (HH:MM:SS.mmm, local)."""
+    for line in log_path.read_text(errors="replace").splitlines():
+        if " started on " in line and "| evomerge - candidate" in line:
+            clock = datetime.strptime(line.split(" | ")[0], "%H:%M:%S.%f").time()
+            stamp = datetime.combine(datetime.fromtimestamp(start).date(), clock).timestamp()
+            return stamp - start if stamp >= start else stamp + 86400 - start
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--max-fevals", type=int, default=20)
+    parser.add_argument("--popsize", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir (records, logs)")
+    parser.add_argument("--bare", metavar="STORAGE", help=argparse.SUPPRESS)  # the child of side 1
+    args = parser.parse_args()
+    if args.bare:
+        return bare_loop(args.bare, args.max_fevals, args.popsize, args.seed)
+    if not (ROOT / "examples/tiny/models/rev_expert/model.safetensors").exists():
+        sys.exit("build the models first: python examples/tiny/make_models.py --out examples/tiny/models")
+
+    tmp = Path(tempfile.mkdtemp(prefix="orch-overhead-"))
+    search = ["--max-fevals", str(args.max_fevals), "--popsize", str(args.popsize), "--seed", str(args.seed)]
+    bare_cmd = [sys.executable, str(Path(__file__).resolve()), "--bare", str(tmp / "bare"), *search]
+    cli_cmd = [sys.executable, "-m", "evomerge.cli", CONFIG, "--storage-path", str(tmp / "pipeline"),
+               "--task-search-path", TASKS, "--cpu-slots", "1", "--no-save-final-model", *search]
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs)")
+    results = {}
+    for name, cmd in (("bare", bare_cmd), ("pipeline", cli_cmd)):
+        print(f"[{name}] {shlex.join(cmd)}", flush=True)
+        start, end = run_side(cmd, tmp / f"{name}.log")
+        results[name] = measure(tmp / name, start, end)
+        if name == "pipeline":
+            results[name]["startup_log"] = first_started_from_log(tmp / "pipeline.log", start)
+        print(f"[{name}] done in {end - start:.1f} s", flush=True)
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+    b, p = results["bare"], results["pipeline"]
+    same = b["scores"] == p["scores"]
+    print(f"\nsame candidates and scores: {'yes' if same else 'no'} "
+          f"({len(b['scores'])} bare, {len(p['scores'])} pipeline records; "
+          f"{b['failed']} and {p['failed']} failed)")
+    if not same:
+        only = set(b["scores"]) ^ set(p["scores"])
+        print(f"  keys in one side only: {len(only)}; "
+              f"differing scores: {sum(b['scores'][k] != p['scores'][k] for k in set(b['scores']) & set(p['scores']))}")
+    rows = [
+        ("wall time: process start -> exit", "wall"),
+        ("  start-up: process start -> first candidate submitted", "startup"),
+        ("  steady state: first submitted -> last recorded", "steady"),
+        ("  shutdown: last recorded -> process exit", "shutdown"),
+        ("per candidate, slot time (timings.total)", "slot"),
+        ("per candidate, round trip (timings.round_trip)", "trip"),
+        ("per candidate, orchestration (round_trip - total)", "orch"),
+        ("per candidate, between consecutive finished_at", "gap"),
+    ]
+    print(f"\n| {args.max_fevals} evaluations, popsize {args.popsize}, seed {args.seed}, 1 slot, 1 thread "
+          "| bare loop (s) | pipeline (s) | pipeline / bare |")
+    print("|---|---:|---:|---:|")
+    for label, key in rows:
+        ratio = p[key] / b[key] if b[key] > 1e-3 else float("nan")
+        print(f"| {label} | {b[key]:.2f} | {p[key]:.2f} | {ratio:.2f} |")
+    print(f"\nratio pipeline/bare, total wall: {p['wall'] / b['wall']:.2f}; "
+          f"steady-state per candidate (finished_at gap): {p['gap'] / b['gap']:.2f}")
+    from_log = "not found" if p["startup_log"] is None else f"{p['startup_log']:.1f} s"
+    print(f"fixed start-up cost of the pipeline: {p['startup'] - b['startup']:.1f} s "
+          f"(start-up {p['startup']:.1f} s vs {b['startup']:.1f} s; pipeline start-up from the "
+          f"CLI's first 'started on' log line: {from_log})")
+    print(f"extra per candidate in steady state: {p['gap'] - b['gap']:.2f} s; "
+          f"shutdown extra: {p['shutdown'] - b['shutdown']:.1f} s")
+    print(f"load average after: {load}")
+    print(f"command: cd {ROOT} && HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 {shlex.join([sys.executable, *sys.argv])}")
+    if args.keep:
+        print(f"records and logs kept in {tmp}")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""``--in-memory``: one model kept loaded in a slot, merged into in place for every candidate.
+
+The slot loads the sources once (``InMemoryMerger``, which caches task vectors), loads one model
+of the same architecture as the resident model (the donor mergekit would take its config and
+tokenizer from: the base model, else the first model), and wraps it once in lm-eval's ``HFLM``.
+Each candidate is then a tensor computation written into the resident parameters, and scoring
+reads them through the same ``HFLM``: no merged folder, no reload. The merge equals mergekit's
+``run_merge`` bit for bit for linear, task_arithmetic, ties and slerp (tests/test_merger_memory.py),
+so a candidate scores the same in memory as on disk.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from evomerge.core.run_spec import RunSpec
+
+
+class ResidentModel:
+    def __init__(self, spec: RunSpec, *, device: str, batch_size: int | str):
+        import torch
+        from lm_eval.models.huggingface import HFLM
+        from mergekit.config import MergeConfiguration
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from evomerge.backends.merger_memory import InMemoryMerger
+
+        space = spec.search_space()
+        template = space.decode(space.initial_point())
+        parsed = MergeConfiguration.model_validate(template)
+        donor = str(parsed.base_model or parsed.referenced_models()[0])
+        trust = spec.options.trust_remote_code
+        self.seed = spec.options.seed
+        self.merger = InMemoryMerger.from_config(template, device=device, trust_remote_code=trust)
+        dtype = getattr(torch, spec.models.dtype) if spec.models.dtype != "auto" else "auto"
+        self.model = AutoModelForCausalLM.from_pretrained(donor, dtype=dtype, trust_remote_code=trust)
+        self.model.to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(donor, trust_remote_code=trust)
+        self.lm = HFLM(pretrained=self.model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+
+    def merge(self, merge_config: dict[str, Any]) -> float:
+        """Write the candidate's weights into the resident model; returns the seconds it took."""
+        started = time.perf_counter()
+        self.merger.merge_into(merge_config, self.model, seed=self.seed)
+        return time.perf_counter() - started
