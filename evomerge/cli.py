@@ -53,6 +53,7 @@ def _flag(name: str, default: bool, help: str, *aliases: str):
 @click.option("--max-failed-fraction", type=float, default=0.5, show_default=True, help="Stop when more of a generation fails.")
 @click.option("--slot-start-timeout", type=float, default=120.0, show_default=True, help="Seconds Ray may take to place the slots.")
 @click.option("--candidate-timeout", type=float, default=3600.0, show_default=True, help="Seconds a candidate may take before it is failed and its worker restarted.")
+@click.option("--generations-per-run", type=int, default=None, help="Stop cleanly after this many generations; the same command continues.")
 @click.option("--worker-retries", type=int, default=2, show_default=True, help="Retries of a candidate whose worker process died.")
 def main(config: str, storage_path: str, **values) -> None:
     """Search the best merge of the models in CONFIG (a mergekit-evolve YAML file)."""
@@ -151,7 +152,8 @@ def _report_interrupted(storage_path: str) -> None:
 def _print_summary(summary: dict) -> None:
     path = summary["storage_path"]
     click.echo("")
-    click.echo(f"evomerge: done ({summary.get('finished_reason')})")
+    state = "paused" if summary.get("paused") else "done"
+    click.echo(f"evomerge: {state} ({summary.get('finished_reason')})")
     click.echo(f"  evaluations spent : {summary['evaluations']} of {summary['max_fevals']}"
                f" ({summary['failed_evaluations']} failed)")
     click.echo(f"  generations       : {summary['generations']}")

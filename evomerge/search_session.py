@@ -66,6 +66,9 @@ class SearchSession:
         self.records: dict[str, CandidateRecord] = self.store.read_records(on_unreadable=self.restore_notes.append)
         self.started = time.monotonic()
         self.finished_reason: str | None = None
+        self.generations_this_run = 0  # generations that evaluated something in this run
+        self.evaluated_this_run = 0
+        self.paused = False  # stopped by --generations-per-run: the search itself goes on later
         self._best = best_record(self.records)
         self._pending: GenerationPlan | None = None
         self.generations_done = self._restore_checkpoints()
@@ -148,7 +151,11 @@ class SearchSession:
             return f"evaluation budget spent ({self.evaluations} of {self.spec.options.max_fevals})"
         timeout = self.spec.options.timeout
         if timeout is not None and time.monotonic() - self.started > timeout:
-            return f"time budget spent ({timeout:.0f} s)"
+            return f"time budget of this run spent ({timeout:.0f} s)"
+        per_run = self.spec.options.generations_per_run
+        if per_run is not None and self.generations_this_run >= per_run:
+            self.paused = True
+            return f"generation budget of this run spent ({per_run}); run again to continue"
         return None
 
     # --- one generation --------------------------------------------------------------------
@@ -199,6 +206,7 @@ class SearchSession:
             finished_at=time.time(),
         )
         self.store.write_record(record)
+        self.evaluated_this_run += 1
         log.info("candidate %d.%d %s recorded: %s", record.generation, record.index, record.key,
                  f"fitness {score:.6f}" if status == "ok" else f"failed ({error})")
         failpoint("after-record")
@@ -225,6 +233,7 @@ class SearchSession:
         self.optimizer.tell(plan.vectors, scores)
         failpoint("after-tell")
         self.generations_done += 1
+        self.generations_this_run += bool(plan.to_evaluate)
         self.write_checkpoint(plan, scores)
         failpoint("after-checkpoint")
         self.write_summary()
@@ -292,6 +301,7 @@ class SearchSession:
             "best_parameters": best.parameters if best else None,
             "mean_seconds_per_candidate": timings,
             "finished_reason": self.finished_reason,
+            "paused": self.paused,
             "elapsed_seconds": self.elapsed_seconds,
         }
 

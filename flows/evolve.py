@@ -21,6 +21,7 @@ from evomerge.core.options import RunOptions
 from evomerge.core.run_spec import RunSpec
 from evomerge.failpoints import failpoint
 from evomerge.final_model import save_final_model
+from evomerge.terminal_progress import TerminalProgress
 from evomerge.search_session import SearchSession
 from flows.generation import generation
 
@@ -57,6 +58,7 @@ def evolve(
     slot_start_timeout: float = 120.0,
     candidate_timeout: float = 3600.0,
     worker_retries: int = 2,
+    generations_per_run: int | None = None,
 ) -> dict[str, Any]:
     values = dict(locals())
     values["task_search_path"] = values["task_search_path"] or []
@@ -90,24 +92,37 @@ def _search_loop(spec: RunSpec, session: SearchSession) -> dict[str, Any]:
             len(session.records), session.generations_done,
         )
     run_generation = generation.with_options(task_runner=RayTaskRunner(address=spec.options.ray_address))
-    publisher = CheckpointPublisher(session)
-    with SlotsOnDemand(spec) as slots:
-        while (reason := session.should_stop()) is None:
-            plan = session.next_generation()
-            failpoint("after-ask")
-            if plan.to_evaluate:
-                run_generation(plan.generation, list(plan.to_evaluate), slots.refs(), session.id)
-            session.finish_generation(plan)
-            if plan.to_evaluate:
-                publisher.publish(plan.generation)
-            best = session.best
-            logger.info(
-                "generation %d: %d evaluated, %d of %d evaluations spent, best fitness %s",
-                plan.generation, len(plan.to_evaluate), session.evaluations,
-                spec.options.max_fevals, f"{best.score:.4f}" if best else "none",
-            )
+    # Who hears of each evaluated generation: Prefect artifacts, the terminal, wandb.
+    observers = [CheckpointPublisher(session), TerminalProgress(session)]
+    if spec.options.wandb:
+        from evomerge.backends.wandb_logger import WandbLogger
+
+        observers.append(WandbLogger(session))
+    try:
+        with SlotsOnDemand(spec) as slots:
+            while (reason := session.should_stop()) is None:
+                plan = session.next_generation()
+                failpoint("after-ask")
+                if plan.to_evaluate:
+                    run_generation(plan.generation, list(plan.to_evaluate), slots.refs(), session.id)
+                session.finish_generation(plan)
+                if plan.to_evaluate:
+                    for observer in observers:
+                        observer.generation_done(plan.generation, plan.keys)
+                best = session.best
+                logger.info(
+                    "generation %d: %d evaluated, %d of %d evaluations spent, best fitness %s",
+                    plan.generation, len(plan.to_evaluate), session.evaluations,
+                    spec.options.max_fevals, f"{best.score:.4f}" if best else "none",
+                )
+    finally:
+        for observer in observers:
+            observer.finish()
     session.finished_reason = reason
     session.write_summary()
+    if session.paused:
+        logger.info("run paused: %s", reason)
+        return session.summary()
     logger.info("search finished: %s", reason)
     if spec.options.save_final_model and (final := save_final_model(session)):
         logger.info("best merge saved in %s", final)

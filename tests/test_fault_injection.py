@@ -153,13 +153,13 @@ def test_a_hanging_candidate_is_failed_at_its_timeout_and_the_run_goes_on(refere
                EVOMERGE_FAILPOINT_DIR=str(tmp_path / "once"))
     storage = tmp_path / "run"
     started = time.monotonic()
-    result = run_evomerge(reference["config"], storage, *SHORT, "--candidate-timeout", "20", env=env)
+    result = run_evomerge(reference["config"], storage, *SHORT, "--candidate-timeout", "10", env=env)
     elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stderr[-4000:]
     records = read_records(storage)
     failed = [r for r in records if r["status"] == "failed"]
     assert len(records) == 8 and len(failed) == 1
-    assert "timed out after 20 s (--candidate-timeout)" in failed[0]["error"]
+    assert "timed out after 10 s (--candidate-timeout)" in failed[0]["error"]
     assert failed[0]["generation"] == 0
     # The restarted worker took candidates again after the timeout.
     later = [r for r in records if r["generation"] > 0]

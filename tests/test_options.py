@@ -53,7 +53,7 @@ def test_every_upstream_flag_is_accepted():
     [
         ({"strategy": "buffered", "in_memory": True}, "--in-memory merges inside the slot"),
         ({"vllm": True, "in_memory": True}, "--in-memory with --vllm"),
-        ({"wandb": True}, "--wandb is not available yet"),
+        ({"load_in_8bit": True}, "--load-in-8bit is not available yet"),
         ({"max_fevals": 0}, "max_fevals: must be at least 1"),
         ({"popsize": 1}, "popsize: must be at least 2"),
         ({"load_in_4bit": True, "load_in_8bit": True}, "choose one"),
@@ -67,7 +67,7 @@ def test_unbuilt_or_bad_options_fail_clearly(values, fragment):
 def test_cli_reports_bad_options_before_any_work(tmp_path):
     config = tmp_path / "c.yml"
     config.write_text("genome: {models: [/a, /b], merge_method: linear}\ntasks: [t]\n")
-    result = CliRunner().invoke(main, [str(config), "--storage-path", str(tmp_path / "s"), "--wandb"])
+    result = CliRunner().invoke(main, [str(config), "--storage-path", str(tmp_path / "s"), "--load-in-4bit"])
     assert result.exit_code == 2
-    assert "--wandb is not available yet" in result.output
+    assert "--load-in-4bit is not available yet" in result.output
     assert not (tmp_path / "s").exists()

@@ -146,3 +146,47 @@ def test_no_credential_reaches_what_a_run_writes(tmp_path, s3_endpoint, monkeypa
     everything = b"".join(store.fs.cat_file(f) for f in files)
     for secret in (os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["AWS_ACCESS_KEY_ID"], "sentinel-wandb-key-0123"):
         assert secret.encode() not in everything
+
+
+def test_runs_with_a_generation_budget_continue_one_search_exactly(tmp_path):
+    """Scheduled long runs: each run evaluates its generations and pauses; the next one on the
+    same storage path continues, and the whole equals one uninterrupted run."""
+    straight = run(SearchSession(make_spec(tmp_path / "straight", max_fevals=16, seed=6)))
+    storage = tmp_path / "scheduled"
+    runs = []
+    while True:
+        session = run(SearchSession(make_spec(storage, max_fevals=16, seed=6, generations_per_run=1)))
+        runs.append((session.generations_this_run, session.paused))
+        if not session.paused:
+            break
+    assert runs == [(1, True), (1, True), (1, True), (1, False)], "the 4th run spends the budget: done"
+    assert json.loads((storage / "summary.json").read_text())["paused"] is False
+    assert sorted(session.records) == sorted(straight.records)
+    assert np.array_equal(session.optimizer.mean, straight.optimizer.mean)
+    assert session.optimizer.sigma == straight.optimizer.sigma
+
+
+def test_terminal_progress_shows_one_line_per_generation_only_on_a_terminal(tmp_path):
+    import io
+
+    from evomerge.terminal_progress import TerminalProgress
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty, pipe = Tty(), io.StringIO()
+    session = SearchSession(make_spec(tmp_path, max_fevals=8, seed=1))
+    shown, quiet = TerminalProgress(session, tty), TerminalProgress(session, pipe)
+    while session.should_stop() is None:
+        plan = session.next_generation()
+        for request in plan.to_evaluate:
+            session.record_outcome(request, outcome(request.vector))
+        session.finish_generation(plan)
+        shown.generation_done(plan.generation, plan.keys)
+        quiet.generation_done(plan.generation, plan.keys)
+    lines = tty.getvalue().splitlines()
+    assert len(lines) == 2 and pipe.getvalue() == ""
+    assert lines[0].startswith("evomerge: generation 0: 4/8 evaluations, best fitness ")
+    assert "generation mean" in lines[0] and "s elapsed" in lines[0] and "s left" in lines[0]
+    assert "8/8 evaluations" in lines[1] and "~0 s left" in lines[1]

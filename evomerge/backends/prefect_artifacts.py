@@ -41,7 +41,7 @@ class CheckpointPublisher:
         self.session = session
         self._progress_id = None
 
-    def publish(self, generation: int) -> None:
+    def generation_done(self, generation: int, keys=()) -> None:
         from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
         s = self.session
@@ -65,6 +65,10 @@ class CheckpointPublisher:
         else:
             _best_effort(update_progress_artifact, artifact_id=self._progress_id, progress=percent,
                          description=description)
+
+
+    def finish(self) -> None:
+        """Nothing to close: every artifact is complete when written."""
 
 
 def _best_effort(create, **kwargs):

@@ -17,7 +17,6 @@ Strategy = Literal["pool", "buffered", "serial"]
 
 # Options whose feature is planned but not built: selecting one fails before any work starts.
 NOT_AVAILABLE_YET: dict[str, str] = {
-    "wandb": "--wandb is not available yet; leave it off (watch the run in the Prefect UI)",
     "load_in_8bit": "--load-in-8bit is not available yet; leave it off",
     "load_in_4bit": "--load-in-4bit is not available yet; leave it off",
 }
@@ -78,6 +77,11 @@ class RunOptions(BaseModel):
         description="Seconds one candidate's merge and evaluation may take; past it the candidate "
         "is failed and its slot's worker restarted.",
     )
+    generations_per_run: int | None = Field(
+        None,
+        description="Generations this run evaluates before it stops cleanly; the same command "
+        "(or the next scheduled flow run) continues the search.",
+    )
     worker_retries: int = Field(
         2, description="Times a candidate is retried when its slot's worker process dies under it."
     )
@@ -103,7 +107,7 @@ class RunOptions(BaseModel):
             raise ValueError("must be at least 2 (CMA-ES ranks candidates against each other)")
         return value
 
-    @field_validator("batch_size", "num_gpus", "cpu_slots")
+    @field_validator("batch_size", "num_gpus", "cpu_slots", "generations_per_run")
     @classmethod
     def _positive_count(cls, value: int | None) -> int | None:
         if value is not None and value < 1:
@@ -151,7 +155,7 @@ class RunOptions(BaseModel):
         """Messages for every chosen option whose feature is not built yet."""
         chosen = [
             name
-            for name in ("wandb", "load_in_8bit", "load_in_4bit")
+            for name in ("load_in_8bit", "load_in_4bit")
             if getattr(self, name)
         ]
         return [NOT_AVAILABLE_YET[name] for name in chosen]

@@ -30,6 +30,30 @@ def candidate_rows(records: Iterable[CandidateRecord], tasks: Sequence[TaskConfi
     return rows
 
 
+def generation_stats(
+    records: Iterable[CandidateRecord], tasks: Sequence[TaskConfiguration], best: CandidateRecord | None,
+    evaluations: int,
+) -> dict[str, float | int]:
+    """Per-generation numbers for a metrics logger: fitness mean/max/min, per-task mean/max,
+    failures, the run's best so far and evaluations spent."""
+    records = list(records)
+    ok = [r for r in records if r.status == "ok" and r.score is not None]
+    stats: dict[str, float | int] = {"evaluations": evaluations, "candidates": len(records),
+                                     "failed": len(records) - len(ok)}
+    if ok:
+        scores = [r.score for r in ok]
+        stats.update({"fitness/mean": sum(scores) / len(scores), "fitness/max": max(scores),
+                      "fitness/min": min(scores)})
+        for task in tasks:
+            values = [v for r in ok if (v := r.metrics.get(task.name, {}).get(task.metric)) is not None]
+            if values:
+                stats[f"{task.name}/{task.metric}/mean"] = sum(values) / len(values)
+                stats[f"{task.name}/{task.metric}/max"] = max(values)
+    if best is not None:
+        stats["best/fitness"] = best.score
+    return stats
+
+
 def best_config_markdown(record: CandidateRecord | None, evaluations: int, max_fevals: int) -> str:
     if record is None:
         return f"# Best merge so far\n\nNo candidate has succeeded yet ({evaluations} of {max_fevals} evaluations spent).\n"
@@ -52,7 +76,21 @@ def progress_percent(evaluations: int, max_fevals: int) -> float:
     return 100.0 * min(evaluations, max_fevals) / max(1, max_fevals)
 
 
-def progress_line(generation: int, evaluations: int, max_fevals: int, best: float | None, elapsed: float) -> str:
-    best_text = "none" if best is None else f"{best:.4f}"
-    return (f"generation {generation}: {evaluations}/{max_fevals} evaluations, "
-            f"best fitness {best_text}, {elapsed:.0f} s elapsed")
+def progress_line(
+    generation: int,
+    evaluations: int,
+    max_fevals: int,
+    best: float | None,
+    elapsed: float,
+    mean: float | None = None,
+    seconds_left: float | None = None,
+) -> str:
+    """``generation 3: 40/100 evaluations, best 1.8200, mean 1.6123, 52 s elapsed, ~78 s left``."""
+    parts = [f"generation {generation}: {evaluations}/{max_fevals} evaluations",
+             f"best fitness {'none' if best is None else f'{best:.4f}'}"]
+    if mean is not None:
+        parts.append(f"generation mean {mean:.4f}")
+    parts.append(f"{elapsed:.0f} s elapsed")
+    if seconds_left is not None:
+        parts.append(f"~{seconds_left:.0f} s left")
+    return ", ".join(parts)

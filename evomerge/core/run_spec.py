@@ -18,6 +18,7 @@ _NOT_IN_FINGERPRINT = {
     "wandb", "wandb_project", "wandb_entity", "save_final_model", "slot_start_timeout",
     "max_failed_fraction", "reshard", "merge_cuda", "strategy", "in_memory",
     "task_search_path", "candidate_timeout", "worker_retries",
+    "generations_per_run",
 }
 
 
