@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 def two_nodes():
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     node_ids = {cluster.head_node.node_id, *(n.node_id for n in cluster.worker_nodes)}
