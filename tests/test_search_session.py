@@ -40,12 +40,15 @@ def outcome(vector, fail=False):
     )
 
 
-def run(session, fail_when=lambda request: False):
+def run(session, fail_when=lambda request: False, observers=()):
+    """The evolve flow's loop without Prefect or Ray; ``observers`` hear of each generation."""
     while session.should_stop() is None:
         plan = session.next_generation()
         for request in plan.to_evaluate:
             session.record_outcome(request, outcome(request.vector, fail_when(request)), round_trip=1.0)
         session.finish_generation(plan)
+        for observer in observers:
+            observer.generation_done(plan.generation, plan.keys)
     return session
 
 
@@ -177,14 +180,7 @@ def test_terminal_progress_shows_one_line_per_generation_only_on_a_terminal(tmp_
 
     tty, pipe = Tty(), io.StringIO()
     session = SearchSession(make_spec(tmp_path, max_fevals=8, seed=1))
-    shown, quiet = TerminalProgress(session, tty), TerminalProgress(session, pipe)
-    while session.should_stop() is None:
-        plan = session.next_generation()
-        for request in plan.to_evaluate:
-            session.record_outcome(request, outcome(request.vector))
-        session.finish_generation(plan)
-        shown.generation_done(plan.generation, plan.keys)
-        quiet.generation_done(plan.generation, plan.keys)
+    run(session, observers=[TerminalProgress(session, tty), TerminalProgress(session, pipe)])
     lines = tty.getvalue().splitlines()
     assert len(lines) == 2 and pipe.getvalue() == ""
     assert lines[0].startswith("evomerge: generation 0: 4/8 evaluations, best fitness ")

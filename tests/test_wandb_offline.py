@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-from test_search_session import make_spec, outcome
+from test_search_session import make_spec, run
 
 from evomerge.search_session import SearchSession
 
@@ -43,12 +43,7 @@ def test_generation_statistics_best_score_and_best_config_reach_wandb(tmp_path, 
     (tmp_path / "wandb-dir").mkdir()
     session = SearchSession(make_spec(tmp_path / "run", max_fevals=8, seed=1, wandb=True, wandb_project="evo-test"))
     logger = WandbLogger(session)
-    while session.should_stop() is None:
-        plan = session.next_generation()
-        for request in plan.to_evaluate:
-            session.record_outcome(request, outcome(request.vector))
-        session.finish_generation(plan)
-        logger.generation_done(plan.generation, plan.keys)
+    run(session, observers=[logger])
     logger.finish()
 
     (run_file,) = (tmp_path / "wandb-dir").glob("wandb/offline-run-*/run-*.wandb")
