@@ -55,6 +55,8 @@ def _flag(name: str, default: bool, help: str, *aliases: str):
 @click.option("--candidate-timeout", type=float, default=3600.0, show_default=True, help="Seconds a candidate may take before it is failed and its worker restarted.")
 @click.option("--generations-per-run", type=int, default=None, help="Stop cleanly after this many generations; the same command continues.")
 @click.option("--worker-retries", type=int, default=2, show_default=True, help="Retries of a candidate whose worker process died.")
+@_flag("baselines", True, "Score each parent and the uniform merge before the search (not counted in --max-fevals).")
+@click.option("--held-out-top", type=int, default=3, show_default=True, help="With held_out_tasks: how many of the best candidates are scored on them at the end.")
 def main(config: str, storage_path: str, **values) -> None:
     """Search the best merge of the models in CONFIG (a mergekit-evolve YAML file)."""
     from evomerge.backends.prepare import ConfigurationError, build_options, prepare_run
@@ -163,9 +165,28 @@ def _print_summary(summary: dict) -> None:
         for task, metrics in summary["best_metrics"].items():
             for metric, value in metrics.items():
                 click.echo(f"    {task} {metric}: {value}")
+    comparison = summary.get("comparison") or {}
+    if comparison.get("gain_over_best_parent") is not None:
+        click.echo(f"  over best parent  : {comparison['gain_over_best_parent']:+.6f} "
+                   f"({comparison['best_parent']}; on the search's tasks)")
+    for label, d in (comparison.get("held_out_vs_baselines") or {}).items():
+        click.echo(f"  held out vs {label}: {d['difference']:+.4f} +- {d['standard_error']:.4f} "
+                   f"({d['standard_errors']:.1f} SE)")
     click.echo(f"  best config       : {path}/best_config.yaml")
     click.echo(f"  summary           : {path}/summary.json")
+    click.echo(f"  report            : evomerge report {path}")
+
+
+def entry() -> None:
+    """The ``evomerge`` command: ``evomerge CONFIG --storage-path ...`` (mergekit-evolve's
+    command line) searches; ``evomerge report STORAGE_PATH`` reports on a search."""
+    if sys.argv[1:2] == ["report"] and not os.path.isfile("report"):
+        from evomerge.report import report
+
+        report.main(sys.argv[2:], prog_name="evomerge report")
+    else:
+        main()
 
 
 if __name__ == "__main__":
-    main()
+    entry()

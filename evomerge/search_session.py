@@ -28,11 +28,18 @@ from evomerge.core.checkpoint import (
 from evomerge.core.fitness import MissingMetricError, NonFiniteMetricError, too_many_failures, weighted_score
 from evomerge.core.optimizer import CmaOptimizer
 from evomerge.core.records import CandidateRecord, CandidateRequest, EvaluationOutcome
+from evomerge.core.references import baseline_requests, held_out_requests, top_candidates
+from evomerge.core.run_report import ComparisonRow, comparison_rows, comparison_summary
 from evomerge.core.run_spec import RunSpec
 from evomerge.core.search_loop import GenerationPlan, best_record, plan_generation
 from evomerge.failpoints import failpoint
 
 log = logging.getLogger("evomerge")
+
+# CMA-ES can settle where every vector it asks decodes to a merge already evaluated (e.g. slerp
+# t values past the clipping bounds): such generations spend no budget, so without this limit the
+# loop would run (and write checkpoints) until pycma's step size turns into NaN.
+IDLE_GENERATIONS_LIMIT = 10
 
 
 class RunStoppedError(RuntimeError):
@@ -64,6 +71,9 @@ class SearchSession:
         # What resume had to work around (unreadable files), for the flow to show.
         self.restore_notes: list[str] = []
         self.records: dict[str, CandidateRecord] = self.store.read_records(on_unreadable=self.restore_notes.append)
+        # Not CMA-ES candidates: parents and the uniform merge, and held-out scores.
+        self.baselines = self.store.read_records(self.restore_notes.append, folder="baselines")
+        self.held_out = self.store.read_records(self.restore_notes.append, folder="held_out")
         self.started = time.monotonic()
         self.finished_reason: str | None = None
         self.generations_this_run = 0  # generations that evaluated something in this run
@@ -71,6 +81,7 @@ class SearchSession:
         self.paused = False  # stopped by --generations-per-run: the search itself goes on later
         self._best = best_record(self.records)
         self._pending: GenerationPlan | None = None
+        self.idle_generations = 0  # consecutive generations that asked nothing new
         self.generations_done = self._restore_checkpoints()
         self._replay_recorded_generations()
 
@@ -101,6 +112,7 @@ class SearchSession:
                     "Continue with the version that wrote them, or use a new --storage-path"
                 )
             self.optimizer.tell(vectors, checkpoint.scores_told)
+            self._count_idle(generation, checkpoint.keys)
             if self.optimizer.sigma != checkpoint.sigma_after or not np.array_equal(
                 self.optimizer.mean, np.asarray(checkpoint.mean_after)
             ):
@@ -117,7 +129,7 @@ class SearchSession:
         kill between a generation's last record and its checkpoint, or a damaged checkpoint),
         writing their checkpoints again; the first generation that needs evaluating waits as
         the next one."""
-        while True:
+        while self.idle_generations < IDLE_GENERATIONS_LIMIT:  # a converged search asks no more
             plan = self._plan(self.optimizer.ask())
             if plan.to_evaluate or not plan.complete:
                 self._pending = plan
@@ -144,9 +156,20 @@ class SearchSession:
     def budget_left(self) -> int:
         return max(0, self.spec.options.max_fevals - self.evaluations)
 
+    def _count_idle(self, generation: int, keys) -> None:
+        """A generation is idle when none of its merges was first evaluated in it (derived from
+        the records, so a resumed run counts the same)."""
+        fresh = any((r := self.records.get(k)) is not None and r.generation == generation for k in keys)
+        self.idle_generations = 0 if fresh else self.idle_generations + 1
+
     def should_stop(self) -> str | None:
         if self.finished_reason:
             return self.finished_reason
+        if self.idle_generations >= IDLE_GENERATIONS_LIMIT:
+            return (
+                f"search converged: the last {self.idle_generations} generations asked only merges "
+                f"already evaluated ({self.budget_left} of the budget left unspent)"
+            )
         if self.budget_left == 0:
             return f"evaluation budget spent ({self.evaluations} of {self.spec.options.max_fevals})"
         timeout = self.spec.options.timeout
@@ -166,21 +189,48 @@ class SearchSession:
         return self._plan(self.optimizer.ask())
 
     def _plan(self, vectors: np.ndarray) -> GenerationPlan:
+        if not np.all(np.isfinite(vectors)):
+            raise RunStoppedError(
+                f"CMA-ES asked a vector with NaN or infinity in generation {self.optimizer.generation} "
+                "(its state degenerated); the records and the best config so far are kept"
+            )
         return plan_generation(
             self.space, self.settings, self.optimizer.generation, vectors,
             frozenset(self.records), self.budget_left,
         )
 
+    # --- baselines and held-out scores -------------------------------------------------------
+    def baseline_requests(self) -> list[CandidateRequest]:
+        """Parents and the uniform merge not scored yet (on the search's and held-out tasks)."""
+        if not self.spec.options.baselines:
+            return []
+        return baseline_requests(self.space, self.settings, self.spec.held_out_evaluation,
+                                 {**self.baselines, **self.held_out})
+
+    def held_out_requests(self) -> list[CandidateRequest]:
+        """The best candidates not yet scored on the held-out tasks (none without such tasks)."""
+        held_out = self.spec.held_out_evaluation
+        if held_out is None:
+            return []
+        return held_out_requests(top_candidates(self.records, self.spec.options.held_out_top),
+                                 held_out, self.held_out)
+
+    def comparison(self) -> list[ComparisonRow]:
+        top = top_candidates(self.records, max(1, self.spec.options.held_out_top))
+        return comparison_rows(top, self.baselines, self.held_out, self.spec.config.tasks,
+                               self.spec.config.held_out_tasks)
+
     def record_outcome(
         self, request: CandidateRequest, outcome: EvaluationOutcome, round_trip: float = 0.0
     ) -> CandidateRecord:
-        """Store a candidate's result at once (a crash later loses nothing of it)."""
+        """Store a result at once (a crash later loses nothing of it)."""
         if outcome.fatal:
             raise RunStoppedError(f"stopping at the first evaluation: {outcome.error}")
+        tasks = self.spec.evaluation_for(request.held_out).tasks
         score, status, error = None, outcome.status, outcome.error
         if status == "ok":
             try:
-                score = weighted_score(outcome.metrics, self.spec.config.tasks)
+                score = weighted_score(outcome.metrics, tasks)
             except MissingMetricError as exc:
                 raise RunStoppedError(f"stopping at the first evaluation: {exc}") from exc
             except NonFiniteMetricError as exc:
@@ -190,7 +240,7 @@ class SearchSession:
             generation=request.generation,
             index=request.index,
             vector=request.vector,
-            parameters=self.space.named_parameters(np.array(request.vector)),
+            parameters=self.space.named_parameters(np.array(request.vector)) if request.vector else {},
             merge_config=request.merge_config,
             status=status,
             metrics=outcome.metrics,
@@ -204,7 +254,14 @@ class SearchSession:
             attempts=outcome.attempts,
             worker_deaths=outcome.worker_deaths,
             finished_at=time.time(),
+            kind=request.kind,
+            label=request.label,
+            held_out=request.held_out,
+            search_key=request.search_key,
+            item_scores=outcome.item_scores,
         )
+        if request.kind != "candidate" or request.held_out:
+            return self._record_reference(record)
         self.store.write_record(record)
         self.evaluated_this_run += 1
         log.info("candidate %d.%d %s recorded: %s", record.generation, record.index, record.key,
@@ -214,6 +271,18 @@ class SearchSession:
         if record.status == "ok" and (self._best is None or score > self._best.score):
             self._best = record
             self.write_best_config()
+        self.write_summary()
+        return record
+
+    def _record_reference(self, record: CandidateRecord) -> CandidateRecord:
+        """A baseline or a held-out score: kept apart from the search (never told to CMA-ES,
+        never counted in the budget, never the best config)."""
+        folder, found = ("held_out", self.held_out) if record.held_out else ("baselines", self.baselines)
+        self.store.write_record(record, folder=folder)
+        what = f"baseline: {record.label}" if record.kind == "baseline" else f"candidate {record.generation}.{record.index}"
+        log.info("%s%s %s recorded: %s", "held out: " if record.held_out else "", what, record.key,
+                 f"fitness {record.score:.6f}" if record.status == "ok" else f"failed ({record.error})")
+        found[record.key] = record
         self.write_summary()
         return record
 
@@ -231,6 +300,7 @@ class SearchSession:
         failed = [r for r in new if r.status == "failed"]
         scores = plan.scores(self.records)
         self.optimizer.tell(plan.vectors, scores)
+        self._count_idle(plan.generation, plan.keys)
         failpoint("after-tell")
         self.generations_done += 1
         self.generations_this_run += bool(plan.to_evaluate)
@@ -303,6 +373,7 @@ class SearchSession:
             "finished_reason": self.finished_reason,
             "paused": self.paused,
             "elapsed_seconds": self.elapsed_seconds,
+            "comparison": comparison_summary(self.comparison(), self.spec.config.held_out_tasks),
         }
 
     def write_summary(self) -> None:

@@ -1,7 +1,8 @@
 """Flow ``evolve``: the CMA-ES loop. Its parameters are the CLI's options, in snake_case.
 
-ask -> plan (dedupe, skip recorded keys, cap by budget) -> generation subflow on Ray -> tell ->
-log the generation -> stop? The loop is here, in the open; every step is a library call.
+baselines (parents, uniform merge) -> [ask -> plan (dedupe, skip recorded keys, cap by budget) ->
+generation subflow on Ray -> tell -> log the generation -> stop?] -> held-out scores of the best.
+The loop is here, in the open; every step is a library call.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from evomerge.final_model import save_final_model
 from evomerge.terminal_progress import TerminalProgress
 from evomerge.search_session import SearchSession
 from flows.generation import generation
+from flows.references import references
 
 
 @flow(name="evolve", flow_run_name="evolve-{storage_path}", validate_parameters=False)
@@ -59,6 +61,8 @@ def evolve(
     candidate_timeout: float = 3600.0,
     worker_retries: int = 2,
     generations_per_run: int | None = None,
+    baselines: bool = True,
+    held_out_top: int = 3,
 ) -> dict[str, Any]:
     values = dict(locals())
     values["task_search_path"] = values["task_search_path"] or []
@@ -92,6 +96,7 @@ def _search_loop(spec: RunSpec, session: SearchSession) -> dict[str, Any]:
             len(session.records), session.generations_done,
         )
     run_generation = generation.with_options(task_runner=RayTaskRunner(address=spec.options.ray_address))
+    run_references = references.with_options(task_runner=RayTaskRunner(address=spec.options.ray_address))
     # Who hears of each evaluated generation: Prefect artifacts, the terminal, wandb.
     observers = [CheckpointPublisher(session), TerminalProgress(session)]
     if spec.options.wandb:
@@ -100,6 +105,10 @@ def _search_loop(spec: RunSpec, session: SearchSession) -> dict[str, Any]:
         observers.append(WandbLogger(session))
     try:
         with SlotsOnDemand(spec) as slots:
+            # What a user would pick by hand, scored first: a configuration error in the tasks
+            # (or held-out tasks) shows here, before the search spends anything.
+            if baselines := session.baseline_requests():
+                run_references("baselines", baselines, slots.refs(), session.id)
             while (reason := session.should_stop()) is None:
                 plan = session.next_generation()
                 failpoint("after-ask")
@@ -115,6 +124,9 @@ def _search_loop(spec: RunSpec, session: SearchSession) -> dict[str, Any]:
                     plan.generation, len(plan.to_evaluate), session.evaluations,
                     spec.options.max_fevals, f"{best.score:.4f}" if best else "none",
                 )
+            # The search is over (not paused): score the best candidates on the held-out tasks.
+            if session.budget_left == 0 and (held_out := session.held_out_requests()):
+                run_references("held-out", held_out, slots.refs(), session.id)
     finally:
         for observer in observers:
             observer.finish()

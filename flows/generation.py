@@ -48,15 +48,23 @@ def _placed(strategy: str, slot: SlotRef, pin_to_node: bool = False):
 
 
 def _started(request: CandidateRequest, slot: SlotRef) -> str:
-    log.info("candidate %d.%d %s started on %s", request.generation, request.index, request.key, slot.name)
-    return f"{request.generation}.{request.index}"
+    """Log the start; returns the name of the candidate's task runs."""
+    if request.kind == "baseline":
+        what, name = f"baseline: {request.label}", request.label.replace(" ", "-")
+    else:
+        what, name = f"candidate {request.generation}.{request.index}", f"{request.generation}.{request.index}"
+    if request.held_out:
+        what, name = f"held out: {what}", f"held-out-{name}"
+    log.info("%s %s started on %s", what, request.key, slot.name)
+    return name
 
 
 def _crashed_task_outcome(request: CandidateRequest, exc: Exception) -> EvaluationOutcome:
     return EvaluationOutcome(status="failed", error=error_summary(exc))
 
 
-def _dispatch(session: SearchSession, requests: list[CandidateRequest], slots: list[SlotRef]):
+def dispatch(session: SearchSession, requests: list[CandidateRequest], slots: list[SlotRef]):
+    """Run the requests on the slots by the run's strategy; each result is recorded as it arrives."""
     options = session.spec.options
     policy = CandidatePolicy.from_options(options)
     if options.strategy == "pool":
@@ -68,15 +76,17 @@ def _dispatch(session: SearchSession, requests: list[CandidateRequest], slots: l
         return dispatch_to_slots(requests, slots, submit=submit, wait_first=wait_for_first,
                                  on_result=session.record_outcome, on_error=_crashed_task_outcome)
 
+    merged_names: dict[str, str] = {}
+
     def submit_merge(request, slot):
-        name = _started(request, slot)
+        name = merged_names[request.key] = _started(request, slot)
         with _placed(options.strategy, slot, pin_to_node=True):
             return merge_candidate.with_options(task_run_name=f"merge-{name}").submit(session.spec, request)
 
     def submit_evaluate(request, slot, merged):
         with _placed(options.strategy, slot):
             return evaluate_candidate.with_options(
-                task_run_name=f"evaluate-{request.generation}.{request.index}"
+                task_run_name=f"evaluate-{merged_names[request.key]}"
             ).submit(request, slot, merged, policy)
 
     return dispatch_pipelined(
@@ -94,6 +104,6 @@ def generation(
     session_id: str,
 ) -> list[CandidateRecord]:
     session = SearchSession.active(session_id)
-    records = _dispatch(session, requests, slots)
+    records = dispatch(session, requests, slots)
     publish_candidates(session, generation, records)
     return records

@@ -79,8 +79,9 @@ def run_evomerge(config, storage, *extra, env=None, timeout=600):
     )
 
 
-def read_records(storage: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((storage / "records").glob("*.json"))]
+def read_records(storage: Path, folder: str = "records") -> list[dict]:
+    """Records of a local storage path: ``records`` (candidates), ``baselines`` or ``held_out``."""
+    return [json.loads(p.read_text()) for p in sorted((storage / folder).glob("*.json"))]
 
 
 @pytest.fixture(scope="session")

@@ -97,3 +97,14 @@ def test_benchmark_tasks_are_flagged_like_upstream():
         {"genome": genome(), "tasks": ["mmlu_college_math", "gsm8k_train", "my_task"]}
     )
     assert benchmark_task_names(config) == ["mmlu_college_math"]
+
+
+def test_held_out_tasks_are_optional_and_checked_like_tasks():
+    plain = EvolveConfig.model_validate({"genome": genome(), "tasks": ["t"]})
+    assert plain.held_out_tasks is None, "a mergekit-evolve config stays valid without the key"
+    held = EvolveConfig.model_validate({"genome": genome(), "tasks": ["t"], "held_out_tasks": ["t_test"]})
+    assert [t.name for t in held.held_out_tasks] == ["t_test"] and held.held_out_tasks[0].metric == "acc,none"
+    with pytest.raises(ValidationError, match="held_out_tasks.*or remove the key"):
+        EvolveConfig.model_validate({"genome": genome(), "tasks": ["t"], "held_out_tasks": []})
+    with pytest.raises(ValidationError, match="listed twice"):
+        EvolveConfig.model_validate({"genome": genome(), "tasks": ["t"], "held_out_tasks": ["u", "u"]})

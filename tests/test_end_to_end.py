@@ -33,11 +33,18 @@ def lm_eval_scores(model_path: Path, limit: int) -> dict[str, float]:
     return {task: out["results"][task]["acc,none"] for task in ("tiny_shift", "tiny_rev")}
 
 
+# The tiny example has one split per task, so the held-out tasks here are the same tasks with
+# other weights: enough to check the plumbing (separate keys, records and scores).
+HELD_OUT = [{"name": "tiny_rev"}, {"name": "tiny_shift", "weight": 0.5}]
+PARENTS = ["parent base", "parent shift_expert", "parent rev_expert"]
+
+
 @pytest.fixture(scope="module")
 def finished_run(tiny_models, tmp_path_factory):
-    """One complete search with the CLI's own private Prefect server (PREFECT_API_URL unset)."""
+    """One complete search with the CLI's own private Prefect server (PREFECT_API_URL unset),
+    its baselines and held-out scores."""
     tmp = tmp_path_factory.mktemp("e2e")
-    config = write_config(tmp / "config.yml", tiny_models)
+    config = write_config(tmp / "config.yml", tiny_models, held_out_tasks=HELD_OUT)
     storage = tmp / "run"
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     result = run_evomerge(config, storage, "--max-fevals", "8", "--popsize", "4", "--seed", "3", env=env)
@@ -91,6 +98,64 @@ def test_best_config_is_the_best_record_and_mergekit_reproduces_its_score(finish
     assert (storage / "final_model" / "config.json").exists()
 
 
+def test_baselines_are_scored_first_kept_apart_and_equal_plain_lm_eval(finished_run, tiny_models):
+    storage = finished_run["storage"]
+    baselines = read_records(storage, "baselines")
+    assert sorted(r["label"] for r in baselines) == sorted([*PARENTS, "uniform merge"])
+    assert all(r["kind"] == "baseline" and r["status"] == "ok" for r in baselines)
+    candidates = read_records(storage)
+    assert max(r["finished_at"] for r in baselines) < min(r["finished_at"] for r in candidates), "before the search"
+    summary = json.loads((storage / "summary.json").read_text())
+    assert summary["evaluations"] == 8, "baselines are not counted in --max-fevals"
+    assert summary["best_key"] in {r["key"] for r in candidates}, "a baseline is never the best config"
+    by_label = {r["label"]: r for r in baselines}
+    # A parent's baseline is the parent itself: plain lm-eval on its folder gives the same numbers.
+    assert lm_eval_scores(tiny_models["rev_expert"], limit=24) == {
+        t: by_label["parent rev_expert"]["metrics"][t]["acc,none"] for t in ("tiny_shift", "tiny_rev")}
+    comparison = summary["comparison"]
+    parents = {label: by_label[label]["score"] for label in PARENTS}
+    assert comparison["best_parent"] == max(parents, key=parents.get)
+    assert comparison["gain_over_best_parent"] == pytest.approx(summary["best_fitness"] - max(parents.values()))
+
+
+def test_held_out_scores_of_the_best_candidates_and_the_baselines(finished_run):
+    from evomerge.core.config import TaskConfiguration
+    from evomerge.core.references import paired_difference
+
+    storage = finished_run["storage"]
+    held = read_records(storage, "held_out")
+    candidates = {r["key"]: r for r in read_records(storage)}
+    top3 = sorted(candidates.values(), key=lambda r: (-r["score"], r["generation"], r["index"]))[:3]
+    assert {r["search_key"] for r in held if r["kind"] == "candidate"} == {r["key"] for r in top3}
+    assert sorted(r["label"] for r in held if r["kind"] == "baseline") == sorted([*PARENTS, "uniform merge"])
+    for r in held:
+        assert r["held_out"] and r["status"] == "ok" and r["key"] not in candidates
+        rev, shift = r["metrics"]["tiny_rev"]["acc,none"], r["metrics"]["tiny_shift"]["acc,none"]
+        assert r["score"] == pytest.approx(rev + 0.5 * shift), "weighted by held_out_tasks"
+        assert len(r["item_scores"]["tiny_rev"]) == 24 and sum(r["item_scores"]["tiny_rev"]) / 24 == pytest.approx(rev)
+    # The report and the summary compare the best candidate with every baseline item by item.
+    summary = json.loads((storage / "summary.json").read_text())["comparison"]
+    by_search_key = {r["search_key"]: r for r in held}
+    best = by_search_key[top3[0]["key"]]
+    tasks = [TaskConfiguration(**t) for t in HELD_OUT]
+    baseline_keys = {r["label"]: r["search_key"] for r in held if r["kind"] == "baseline"}
+    for label, numbers in summary["held_out_vs_baselines"].items():
+        expected = paired_difference(best["item_scores"], by_search_key[baseline_keys[label]]["item_scores"], tasks)
+        assert numbers["difference"] == pytest.approx(expected.difference)
+        assert numbers["standard_error"] == pytest.approx(expected.standard_error)
+    assert set(summary["held_out_vs_baselines"]) == set(baseline_keys)
+
+    done = subprocess.run([sys.executable, "-m", "evomerge.cli", "report", str(storage)], cwd=REPO,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = (storage / "report.md").read_text()
+    assert report.strip() in done.stdout
+    for label in ["evolved (best)", *PARENTS, "uniform merge"]:
+        assert f"| {label} |" in report
+    assert f"{summary['held_out_vs_baselines']['parent base']['difference']:+.4f}" in report
+    assert (storage / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_scratch_merges_are_deleted(finished_run):
     merged = finished_run["storage"] / "merged"
     assert not merged.exists() or not any(merged.iterdir())
@@ -126,7 +191,7 @@ def test_ctrl_c_stops_within_seconds_and_the_same_command_finishes_the_run(tiny_
     config = write_config(tmp_path / "config.yml", tiny_models)
     storage = tmp_path / "run"
     env = dict(os.environ, PREFECT_API_URL=prefect_api)
-    args = ("--max-fevals", "8", "--popsize", "4", "--seed", "5")
+    args = ("--max-fevals", "16", "--popsize", "4", "--seed", "5", "--no-baselines")  # more than it can finish while the second run is refused
     process = subprocess.Popen(
         evomerge_command(config, storage, *args), cwd=REPO, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -149,13 +214,13 @@ def test_ctrl_c_stops_within_seconds_and_the_same_command_finishes_the_run(tiny_
     assert "run the same command again to continue" in err
     assert not (storage / "lease.json").exists(), "the lease is released on Ctrl-C"
     kept = read_records(storage)
-    assert 2 <= len(kept) < 8
+    assert 2 <= len(kept) < 16
     assert yaml.safe_load((storage / "best_config.yaml").read_text())["merge_method"] == "task_arithmetic"
 
     result = run_evomerge(config, storage, *args, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     records = read_records(storage)
-    assert len(records) == 8 == json.loads((storage / "summary.json").read_text())["evaluations"]
+    assert len(records) == 16 == json.loads((storage / "summary.json").read_text())["evaluations"]
     by_key = {r["key"]: r for r in records}
     assert all(by_key[r["key"]] == r for r in kept), "records from before Ctrl-C are untouched"
 
@@ -175,7 +240,7 @@ def test_a_metric_no_task_produces_stops_at_the_first_evaluation(tiny_models, tm
     env = dict(os.environ, PREFECT_API_URL=prefect_api)
     result = run_evomerge(config, tmp_path / "run", "--max-fevals", "8", "--popsize", "4", env=env)
     assert result.returncode == 1
-    assert "task 'tiny_rev' does not produce metric 'f1,none'; it produces acc,none" in result.stderr
+    assert "task 'tiny_rev' does not produce metric 'f1,none'; it produces acc,none. Set" in result.stderr
     assert read_records(tmp_path / "run") == []
     assert not (tmp_path / "run" / "checkpoints").exists(), "no generation was spent"
 
@@ -199,7 +264,10 @@ def test_a_run_on_s3_storage(tiny_models, tmp_path, prefect_api, s3_endpoint):
         artifacts = client.post("/artifacts/filter", json={"limit": 200}).json()
     fingerprint = json.loads(fs.cat_file(f"{storage}/run.json"))["fingerprint"]
     mine = {a["key"]: a for a in artifacts if a["key"] and fingerprint in a["key"]}
-    assert set(mine) == {f"evomerge-{fingerprint}-{what}" for what in ("candidates", "best-config", "progress")}
+    assert set(mine) == {f"evomerge-{fingerprint}-{what}" for what in (
+        "candidates", "best-config", "progress", "baselines", "comparison", "fitness-plot")}
+    assert mine[f"evomerge-{fingerprint}-fitness-plot"]["data"].startswith("![fitness over evaluations](data:image/png;base64,")
+    assert "| uniform merge |" in mine[f"evomerge-{fingerprint}-comparison"]["data"]
     table = mine[f"evomerge-{fingerprint}-candidates"]["data"]
     table = json.loads(table) if isinstance(table, str) else table
     assert len(table) == 4 and {"fitness", "tiny_shift acc,none", "tiny_rev acc,none", "slot"} <= set(table[0])
@@ -223,7 +291,7 @@ def test_kill_9_of_the_driver_then_the_same_command_finishes_with_nothing_lost(t
     config = write_config(tmp_path / "config.yml", tiny_models)
     storage = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    args = ("--max-fevals", "8", "--popsize", "4", "--seed", "9")
+    args = ("--max-fevals", "8", "--popsize", "4", "--seed", "9", "--no-baselines")
     log = open(tmp_path / "first.log", "w")
     process = subprocess.Popen(evomerge_command(config, storage, *args), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300

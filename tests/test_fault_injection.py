@@ -1,9 +1,11 @@
 """Real evomerge processes killed with SIGKILL at the worst moments, slot workers killed and hung.
 
 Each kill point is armed through a fail point (evomerge/failpoints.py) in an otherwise normal CLI
-run; the same command is then run again. The resumed run must lose nothing recorded, evaluate no
-recorded key again, and reach exactly the uninterrupted run's trajectory (every asked vector,
-every told score, the step size and mean after each generation) and result.
+run; the same command is then run again. One search is killed at four points in a row, each
+resumed run inheriting what the previous kill left. Every resumed run must evaluate no recorded
+key again and re-evaluate what was in flight; in the end the search must have lost nothing
+recorded and reached exactly the uninterrupted run's trajectory (every asked vector, every told
+score, the step size and mean after each generation) and result.
 
 With EVOMERGE_FAULT_REPORT=FILE, each case appends its measurements (evaluations in flight and
 lost, duplicated, seconds from restart to the first new evaluation) to FILE as JSON lines.
@@ -24,16 +26,21 @@ from conftest import REPO, evomerge_command, read_records, run_evomerge, write_c
 
 pytestmark = pytest.mark.integration
 
-ARGS = ("--max-fevals", "12", "--popsize", "4", "--seed", "7")
-SHORT = ("--max-fevals", "8", "--popsize", "4", "--seed", "7")  # the reference's first two generations
+# Baselines are off: the fail points strike the search, and a once-only fail point in a slot
+# must hit a candidate.
+# Baselines are off: the fail points strike the search, and a once-only fail point in a slot
+# must hit a candidate.
+ARGS = ("--max-fevals", "16", "--popsize", "4", "--seed", "7", "--no-baselines")
+SHORT = ("--max-fevals", "8", "--popsize", "4", "--seed", "7", "--no-baselines")  # the reference's first two generations
 
-# Every kill lands in generation 1 (the second), so there is a checkpoint before it.
-KILL_POINTS = {
-    "after-ask": "after-ask@2=kill",  # generation 1 asked, nothing dispatched yet
-    "in-flight": "after-record@6=kill",  # 2 of generation 1's 4 recorded, others running
-    "checkpoint-write": "checkpoint-write@2=kill",  # halfway through checkpoint 1's bytes
-    "after-tell": "after-tell@2=kill",  # generation 1 told, its checkpoint not yet written
-}
+# One search, killed four times in a row, each run resuming the last one's leftovers. Hits are
+# counted per process; every kill lands after a checkpoint, so resume has one to start from.
+KILL_CHAIN = [
+    ("after-ask", "after-ask@2=kill"),  # generation 1 asked, nothing dispatched yet
+    ("in-flight", "after-record@2=kill"),  # 2 of generation 1's 4 recorded, others running
+    ("checkpoint-write", "checkpoint-write@1=kill"),  # halfway through checkpoint 1's bytes
+    ("after-tell", "after-tell@2=kill"),  # generation 1 replayed, generation 2 told, checkpoint 2 not written
+]
 
 
 def trajectory(storage: Path) -> list:
@@ -88,46 +95,54 @@ def reference(tiny_models, tmp_path_factory, prefect_api):
     env = dict(os.environ, PREFECT_API_URL=prefect_api)
     result = run_evomerge(config, storage, *ARGS, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert len(trajectory(storage)) == 3
+    assert len(trajectory(storage)) == 4
     summary = json.loads((storage / "summary.json").read_text())
     return {"config": config, "storage": storage, "trajectory": trajectory(storage), "scores": scores(storage),
             "best_key": summary["best_key"]}
 
 
-@pytest.mark.parametrize("point", list(KILL_POINTS))
-def test_kill_9_of_the_driver_then_the_same_command_finishes_the_same_run(point, reference, tmp_path, prefect_api):
+def test_kill_9_of_the_driver_four_times_then_the_same_command_finishes_the_same_run(reference, tmp_path, prefect_api):
     storage = tmp_path / "run"
-    env = dict(os.environ, PREFECT_API_URL=prefect_api, EVOMERGE_FAILPOINTS=KILL_POINTS[point])
-    killed = run_evomerge(reference["config"], storage, *ARGS, env=env)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-4000:]
-    log = killed.stdout + killed.stderr
-    recorded_before = {p.name: p.read_bytes() for p in (storage / "records").glob("*.json")}
-    started_before = keys_in(log, "started on")
-    in_flight = set(started_before) - {name[: -len(".json")] for name in recorded_before}
-    if point == "checkpoint-write":
-        assert list((storage / "checkpoints").glob(".tmp-*")), "killed with a half-written temp file"
-        assert not (storage / "checkpoints" / "00001.json").exists()
-    assert (storage / "lease.json").exists(), "kill -9 leaves the lease of a dead process"
+    base_env = dict(os.environ, PREFECT_API_URL=prefect_api)
+    kept: dict[str, bytes] = {}  # every record that existed at some kill, as it was then
+    pending: tuple[str, set[str], dict[str, bytes]] | None = None  # the last kill, checked by the next run
+    for point, armed in [*KILL_CHAIN, (None, None)]:
+        env = dict(base_env, **({"EVOMERGE_FAILPOINTS": armed} if armed else {}))
+        status, output, first_start = run_timed(evomerge_command(reference["config"], storage, *ARGS), env)
+        if pending is not None:
+            # What the run after a kill did: nothing recorded evaluated again, the lost ones again.
+            killed_point, in_flight, recorded_before = pending
+            started_after = keys_in(output, "started on")
+            duplicated = set(started_after) & {name[: -len(".json")] for name in recorded_before}
+            assert duplicated == set(), f"after the {killed_point} kill a recorded key was evaluated again"
+            assert in_flight <= set(started_after), "what was in flight is evaluated by the resumed run"
+            assert "took over the stale lease" in output
+            report(killed_point, in_flight=len(in_flight), lost=len(in_flight), duplicated=len(duplicated),
+                   recorded_before_kill=len(recorded_before), evaluated_after_restart=len(started_after),
+                   seconds_restart_to_first_new_evaluation=first_start)
+        if point is None:
+            assert status == 0, output[-4000:]
+            break
+        assert status == -signal.SIGKILL, f"{point}: {output[-4000:]}"
+        recorded_before = {p.name: p.read_bytes() for p in (storage / "records").glob("*.json")}
+        kept.update(recorded_before)
+        in_flight = set(keys_in(output, "started on")) - {name[: -len(".json")] for name in recorded_before}
+        if point == "in-flight":
+            assert in_flight, "candidates were in flight when killed"
+        if point == "checkpoint-write":
+            assert list((storage / "checkpoints").glob(".tmp-*")), "killed with a half-written temp file"
+            assert not (storage / "checkpoints" / "00001.json").exists()
+        if point == "after-tell":
+            assert not (storage / "checkpoints" / "00002.json").exists(), "killed before checkpoint 2"
+        assert (storage / "lease.json").exists(), "kill -9 leaves the lease of a dead process"
+        pending = (point, in_flight, recorded_before)
 
-    del env["EVOMERGE_FAILPOINTS"]
-    status, output, first_start = run_timed(evomerge_command(reference["config"], storage, *ARGS), env)
-    assert status == 0, output[-4000:]
-    assert "took over the stale lease" in output
-
-    started_after = keys_in(output, "started on")
-    recorded_keys_before = {name[: -len(".json")] for name in recorded_before}
-    duplicated = set(started_after) & recorded_keys_before
-    assert duplicated == set(), "a recorded key was evaluated again"
-    assert in_flight <= set(started_after), "what was in flight is evaluated by the resumed run"
-    for name, content in recorded_before.items():
+    for name, content in kept.items():
         assert (storage / "records" / name).read_bytes() == content, f"record {name} changed"
     assert trajectory(storage) == reference["trajectory"], "resumed trajectory differs"
     assert scores(storage) == reference["scores"]
     summary = json.loads((storage / "summary.json").read_text())
-    assert summary["evaluations"] == 12 and summary["best_key"] == reference["best_key"]
-    report(point, in_flight=len(in_flight), lost=len(in_flight), duplicated=len(duplicated),
-           recorded_before_kill=len(recorded_before), evaluated_after_restart=len(started_after),
-           seconds_restart_to_first_new_evaluation=first_start)
+    assert summary["evaluations"] == 16 and summary["best_key"] == reference["best_key"]
 
 
 def test_a_slot_worker_killed_mid_evaluation_is_replaced_and_its_candidate_retried(reference, tmp_path, prefect_api):
@@ -172,7 +187,7 @@ def test_a_failing_evaluator_is_recorded_and_the_run_goes_on(reference, tmp_path
     env = dict(os.environ, PREFECT_API_URL=prefect_api, EVOMERGE_FAILPOINTS="slot-evaluate=raise",
                EVOMERGE_FAILPOINT_DIR=str(tmp_path / "once"))
     storage = tmp_path / "run"
-    result = run_evomerge(reference["config"], storage, "--max-fevals", "4", "--popsize", "4", "--seed", "7", env=env)
+    result = run_evomerge(reference["config"], storage, "--max-fevals", "4", "--popsize", "4", "--seed", "7", "--no-baselines", env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     records = read_records(storage)
     failed = [r for r in records if r["status"] == "failed"]

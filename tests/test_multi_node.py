@@ -27,8 +27,9 @@ def two_nodes():
 
 
 def run_on_two_nodes(address, node_ids, config, storage, env, *extra):
+    # Baselines off: the search's placement is what these runs check.
     result = run_evomerge(config, storage, "--max-fevals", "8", "--popsize", "4", "--seed", "2",
-                          "--ray-address", address, *extra, env=env)
+                          "--no-baselines", "--ray-address", address, *extra, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     records = read_records(storage)
     assert len(records) == 8 and all(r["status"] == "ok" for r in records), [r["error"] for r in records]
@@ -64,3 +65,69 @@ def test_every_strategy_uses_every_slot_keeps_candidates_on_one_node_and_scores_
         assert all(r["timings"]["merge"] > 0 and r["timings"]["load"] > 0 for r in records)
     # task_arithmetic is deterministic: the same seed reaches the same candidates and scores.
     assert {r["key"]: r["score"] for r in records} == pool_scores
+
+
+@pytest.fixture(scope="module")
+def ray_start_head(tmp_path_factory):
+    """A cluster started the way an operator starts one: `ray start --head` (on loopback).
+
+    ``--block`` keeps ``ray start`` in the foreground as the parent of the processes it starts;
+    it runs in its own session, so the test stops exactly those (never `ray stop`, which stops
+    every Ray process on the machine)."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from evomerge.backends.prefect_server import free_port
+
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("ray-start") / "ray-start.log"
+    ray = Path(sys.executable).with_name("ray")
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [str(ray), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
+             "--num-cpus", "2", "--include-dashboard=false", "--disable-usage-stats"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env=dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"),
+        )
+    deadline = time.monotonic() + 120
+    while "block forever" not in log_path.read_text():
+        assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.5)
+    yield f"127.0.0.1:{port}", process
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=5)  # `ray start` drains for up to 30 s; nothing here needs draining
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def test_a_cluster_started_with_ray_start_head_is_joined_and_left_running(ray_start_head, tiny_models, tmp_path, prefect_api):
+    import json
+    import subprocess
+    import sys
+
+    address, process = ray_start_head
+    config = write_config(tmp_path / "config.yml", tiny_models)
+    # `ray start` turns on token authentication; Ray sends the token (~/.ray/auth_token) to an
+    # explicit address only when told to.
+    env = dict(os.environ, PREFECT_API_URL=prefect_api, RAY_AUTH_MODE="token")
+    result = run_evomerge(config, tmp_path / "run", "--max-fevals", "4", "--popsize", "4", "--no-baselines",
+                          "--ray-address", address, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    records = read_records(tmp_path / "run")
+    assert len(records) == 4 and all(r["status"] == "ok" for r in records)
+    assert process.poll() is None, "evomerge leaves a cluster it did not start running"
+    nodes = subprocess.run(
+        [sys.executable, "-c", "import json, ray; ray.init(address=%r, log_to_driver=False); "
+         "print(json.dumps([n['NodeID'] for n in ray.nodes()]))" % address],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert nodes.returncode == 0, nodes.stderr[-2000:]
+    assert {r["eval_node_id"] for r in records} <= set(json.loads(nodes.stdout.strip().splitlines()[-1]))

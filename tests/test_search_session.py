@@ -186,3 +186,32 @@ def test_terminal_progress_shows_one_line_per_generation_only_on_a_terminal(tmp_
     assert lines[0].startswith("evomerge: generation 0: 4/8 evaluations, best fitness ")
     assert "generation mean" in lines[0] and "s elapsed" in lines[0] and "s left" in lines[0]
     assert "8/8 evaluations" in lines[1] and "~0 s left" in lines[1]
+
+
+def test_a_search_that_only_asks_evaluated_merges_stops_converged_and_stays_stopped(tmp_path):
+    """slerp whose best t sits past the clipping bounds: CMA-ES keeps asking vectors that decode
+    to merges already evaluated. The run must stop (not loop until pycma's state turns NaN), and
+    a resumed run must see the same."""
+    config = EvolveConfig.model_validate(
+        {"genome": {"models": ["/m/a", "/m/b"], "merge_method": "slerp", "layer_granularity": 1},
+         "tasks": ["t1"]})
+    spec = RunSpec(config=config, options=RunOptions(popsize=4, max_fevals=200, seed=0), storage_path=str(tmp_path),
+                   models=ModelFacts(architecture="LlamaForCausalLM", num_layers=2, dtype="float32"))
+
+    def clipped_peak(request):
+        t = np.clip(np.array(request.vector), 0, 1)
+        return EvaluationOutcome(status="ok", metrics={"t1": {"acc,none": 1 - float(((t - [1, 0]) ** 2).sum())}})
+
+    session = SearchSession(spec)
+    generations = 0
+    while session.should_stop() is None and generations < 1000:
+        plan = session.next_generation()
+        for request in plan.to_evaluate:
+            session.record_outcome(request, clipped_peak(request))
+        session.finish_generation(plan)
+        generations += 1
+    reason = session.should_stop()
+    assert reason is not None and reason.startswith("search converged: the last 10 generations"), reason
+    assert session.evaluations < 200 and session.best.parameters == {"layers 0-0/t": 1.0, "layers 1-1/t": 0.0}
+    resumed = SearchSession(spec)
+    assert resumed.idle_generations == 10 and resumed.should_stop() == reason

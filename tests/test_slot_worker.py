@@ -58,7 +58,7 @@ def test_a_metric_no_task_produces_is_fatal(tiny_models, tmp_path):
     spec = prepare_run(str(config), str(tmp_path / "s"), build_options(task_search_path=[str(TASKS_DIR)]))
     outcome = SlotWorker(spec, "s").run(request_for(spec, [0.5] * 4))
     assert outcome.fatal
-    assert "task 'tiny_rev' does not produce metric 'exact_match,none'; it produces acc,none" in outcome.error
+    assert "task 'tiny_rev' does not produce metric 'exact_match,none'; it produces acc,none. Set" in outcome.error
 
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties", "linear", "slerp"])

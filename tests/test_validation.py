@@ -85,3 +85,20 @@ def test_no_tasks_and_bad_yaml(tmp_path, tiny_models):
 def test_benchmark_task_needs_upstreams_flag(tmp_path, tiny_models):
     config = write_config(tmp_path / "c.yml", tiny_models, tasks=[{"name": "gsm8k"}])
     assert_refused(run_cli(config, tmp_path / "s"), "is a public benchmark", "--i-understand-the-depths")
+
+
+def test_unknown_held_out_task_is_refused_before_any_work(tmp_path, tiny_models):
+    config = write_config(tmp_path / "c.yml", tiny_models, held_out_tasks=[{"name": "tiny_rev_test"}])
+    storage = tmp_path / "s"
+    assert_refused(run_cli(config, storage), "cannot find task 'tiny_rev_test'", "did you mean tiny_rev",
+                   storage=storage)
+
+
+def test_a_ray_address_where_nothing_listens_is_refused_before_any_work(tmp_path, tiny_models):
+    from evomerge.backends.prefect_server import free_port
+
+    config = write_config(tmp_path / "c.yml", tiny_models)
+    storage = tmp_path / "s"
+    address = f"127.0.0.1:{free_port()}"
+    assert_refused(run_cli(config, storage, "--ray-address", address), f"--ray-address {address}: nothing answers",
+                   "ray start --head", storage=storage)

@@ -5,6 +5,7 @@ import importlib.util
 import pytest
 
 from conftest import TASKS_DIR, write_config
+from evomerge.backends.evaluator_hf import Scores
 from evomerge.backends.evaluator_vllm import VLLMEvaluator
 from evomerge.backends.prepare import ConfigurationError, build_options, prepare_run
 
@@ -44,7 +45,7 @@ def test_evaluate_builds_lm_evals_vllm_model_from_those_args_and_scores_it(monke
     module.VLLM = FakeVLLM
     monkeypatch.setitem(sys.modules, "lm_eval.models.vllm_causallms", module)
     evaluator = make_evaluator()
-    monkeypatch.setattr(evaluator, "score", lambda lm: {"tiny_rev": {"acc,none": 0.5}} if isinstance(lm, FakeVLLM) else None)
+    monkeypatch.setattr(evaluator, "score", lambda lm: Scores({"tiny_rev": {"acc,none": 0.5}}) if isinstance(lm, FakeVLLM) else None)
     result = evaluator.evaluate("/m/folder")
     assert built == evaluator.model_args("/m/folder")
     assert result.results == {"tiny_rev": {"acc,none": 0.5}}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from evomerge.backends.lm_eval_tasks import load_task_objects
@@ -11,10 +11,19 @@ from evomerge.core.records import EvaluationSettings
 
 
 @dataclass
+class Scores:
+    results: dict[str, dict[str, Any]]  # lm-eval's results["results"]
+    # Per-item values of each task's configured metric, in document order (``per_item``
+    # evaluators only: held-out scoring, where two models are compared item by item).
+    item_scores: dict[str, list[float]] = field(default_factory=dict)
+
+
+@dataclass
 class EvaluationResult:
     results: dict[str, dict[str, Any]]  # lm-eval's results["results"]
     load_seconds: float
     evaluate_seconds: float
+    item_scores: dict[str, list[float]] = field(default_factory=dict)
 
 
 class HFEvaluator:
@@ -30,8 +39,10 @@ class HFEvaluator:
         batch_size: int | str = 1,
         dtype: str = "auto",
         trust_remote_code: bool = False,
+        per_item: bool = False,
     ):
         self.settings = settings
+        self.per_item = per_item
         self.device = device
         self.batch_size = batch_size
         self.dtype = dtype
@@ -53,12 +64,13 @@ class HFEvaluator:
         )
         loaded = time.perf_counter()
         try:
-            results = self.score(lm)
+            scores = self.score(lm)
         finally:
             del lm
-        return EvaluationResult(results, loaded - started, time.perf_counter() - loaded)
+        return EvaluationResult(scores.results, loaded - started, time.perf_counter() - loaded,
+                                scores.item_scores)
 
-    def score(self, lm) -> dict[str, dict[str, Any]]:
+    def score(self, lm) -> Scores:
         import lm_eval
 
         out = lm_eval.simple_evaluate(
@@ -70,8 +82,25 @@ class HFEvaluator:
             apply_chat_template=self.settings.apply_chat_template,
             fewshot_as_multiturn=self.settings.fewshot_as_multiturn
             and self.settings.apply_chat_template,
-            log_samples=False,
+            log_samples=self.per_item,
             bootstrap_iters=0,  # stderr bootstraps cost seconds and do not enter the fitness
             use_cache=None,  # lm-eval's response cache has no model identity: never use it
         )
-        return out["results"]
+        items = _item_scores(out.get("samples") or {}, self.settings.tasks) if self.per_item else {}
+        return Scores(out["results"], items)
+
+
+def _item_scores(samples: dict[str, list[dict]], tasks) -> dict[str, list[float]]:
+    """Each task's configured metric (``name,filter``) per document, in document order. A task
+    whose metric has no per-item number (a corpus-level metric such as perplexity) is left out."""
+    out = {}
+    for task in tasks:
+        metric, _, filter_name = task.metric.partition(",")
+        rows = sorted(
+            (s for s in samples.get(task.name, []) if s.get("filter", "none") == (filter_name or "none")),
+            key=lambda s: s["doc_id"],
+        )
+        values = [s.get(metric) for s in rows]
+        if values and all(isinstance(v, (int, float)) for v in values):
+            out[task.name] = [float(v) for v in values]
+    return out

@@ -45,8 +45,9 @@ class VLLMEvaluator(HFEvaluator):
         lm = VLLM(**self.model_args(model_path))
         loaded = time.perf_counter()
         try:
-            results = self.score(lm)
+            scores = self.score(lm)
         finally:
             del lm
             gc.collect()  # the engine holds the GPU until collected; the next candidate needs it
-        return EvaluationResult(results, loaded - started, time.perf_counter() - loaded)
+        return EvaluationResult(scores.results, loaded - started, time.perf_counter() - loaded,
+                                scores.item_scores)

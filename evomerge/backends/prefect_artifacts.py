@@ -1,6 +1,7 @@
 """Publishes a run's checkpoints as Prefect artifacts: the candidates of each generation (a
-table, on the generation's subflow run), the best configuration so far (markdown) and the run's
-progress (on the evolve flow run).
+table, on the generation's subflow run), the best configuration so far (markdown), the best
+candidates against the baselines (markdown), the fitness plot (image) and the run's progress
+(on the evolve flow run).
 
 Artifact keys carry the search's fingerprint, so every flow run of one search (a resumed run,
 the next scheduled run) adds versions to the same artifacts in the UI. Publishing is best
@@ -9,11 +10,19 @@ effort: a Prefect API hiccup is logged, never the end of a search whose files ar
 
 from __future__ import annotations
 
+import base64
 import logging
 from collections.abc import Iterable
 
+from evomerge.backends.report_plot import fitness_plot_png
 from evomerge.core.records import CandidateRecord
-from evomerge.core.run_report import best_config_markdown, candidate_rows, progress_line, progress_percent
+from evomerge.core.run_report import (
+    best_config_markdown,
+    candidate_rows,
+    comparison_markdown,
+    progress_line,
+    progress_percent,
+)
 
 log = logging.getLogger("evomerge")
 
@@ -23,14 +32,54 @@ def artifact_key(fingerprint: str, what: str) -> str:
 
 
 def publish_candidates(session, generation: int, records: Iterable[CandidateRecord]) -> None:
+    _publish_table(session, "candidates", records,
+                   f"Candidates of generation {generation}: parameters, metrics, fitness, slot")
+
+
+def publish_references(session, phase: str, records: Iterable[CandidateRecord]) -> None:
+    """After the baselines or the held-out scores: their table on the phase's subflow run, and
+    the comparison on the run."""
+    _publish_table(session, phase, records, f"Scored in the {phase} phase: metrics, fitness, slot")
+    _publish_comparison(session, f"after the {phase}")
+
+
+def _publish_table(session, what: str, records: Iterable[CandidateRecord], description: str) -> None:
     from prefect.artifacts import create_table_artifact
 
-    rows = candidate_rows(records, session.spec.config.tasks)
+    config = session.spec.config
     _best_effort(
         create_table_artifact,
-        table=rows,
-        key=artifact_key(session.spec.fingerprint(), "candidates"),
-        description=f"Candidates of generation {generation}: parameters, metrics, fitness, slot",
+        table=candidate_rows(records, [*config.tasks, *(config.held_out_tasks or [])]),
+        key=artifact_key(session.spec.fingerprint(), what),
+        description=description,
+    )
+
+
+def _publish_comparison(session, when: str) -> None:
+    from prefect.artifacts import create_markdown_artifact
+
+    config = session.spec.config
+    _best_effort(
+        create_markdown_artifact,
+        markdown=comparison_markdown(session.comparison(), config.tasks, config.held_out_tasks),
+        key=artifact_key(session.spec.fingerprint(), "comparison"),
+        description=f"Best candidates against the parents and the uniform merge, {when}",
+    )
+
+
+def _publish_plot(session, generation: int) -> None:
+    """The fitness plot, as a markdown artifact holding the PNG in a ``data:`` URL: the UI shows
+    it without any file server (a ~40 kB PNG, stored in the artifact). Both Prefect UIs render
+    data-URL images in markdown; an image artifact would also print the whole URL as text."""
+    from prefect.artifacts import create_markdown_artifact
+
+    png = fitness_plot_png(session.records.values(), session.baselines.values(),
+                           title=f"fitness over evaluations, after generation {generation}")
+    _best_effort(
+        create_markdown_artifact,
+        markdown=f"![fitness over evaluations](data:image/png;base64,{base64.b64encode(png).decode()})\n",
+        key=artifact_key(session.spec.fingerprint(), "fitness-plot"),
+        description=f"Fitness of every candidate, best so far and baselines, after generation {generation}",
     )
 
 
@@ -57,6 +106,8 @@ class CheckpointPublisher:
         percent = progress_percent(s.evaluations, max_fevals)
         description = progress_line(generation, s.evaluations, max_fevals, best.score if best else None,
                                     s.elapsed_seconds)
+        _publish_comparison(s, f"after generation {generation}")
+        _publish_plot(s, generation)
         if self._progress_id is None:
             self._progress_id = _best_effort(
                 create_progress_artifact, progress=percent,

@@ -11,6 +11,7 @@ import difflib
 import importlib.util
 import json
 import os
+import socket
 from collections.abc import Sequence
 
 import yaml
@@ -178,6 +179,22 @@ def check_tasks(task_names: Sequence[str], search_paths: Sequence[str]) -> bool:
     return True
 
 
+def check_ray_address(address: str) -> None:
+    """A ``host:port`` that nothing listens on fails now, not after the Prefect server and the
+    flow have started (``ray://`` and ``auto`` are left to Ray)."""
+    if "://" in address or address == "auto":
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+    except (OSError, ValueError) as exc:
+        raise ConfigurationError(
+            f"--ray-address {address}: nothing answers there ({exc}). Start the cluster first "
+            "(`ray start --head` prints its address), or leave --ray-address out for a private "
+            "local cluster"
+        ) from exc
+
+
 def prepare_run(
     config_path: str,
     storage_path: str,
@@ -206,6 +223,8 @@ def prepare_run(
             "its own vocabulary and cannot rebuild embeddings for another tokenizer. Leave "
             "tokenizer_source out, or drop --in-memory (merges then go through disk)"
         )
+    if options.ray_address:
+        check_ray_address(options.ray_address)
     models = inspect_models(config, options.trust_remote_code)
     try:
         SearchSpace(config.genome, models.num_layers, dtype=models.dtype)
@@ -215,7 +234,8 @@ def prepare_run(
     options = options.model_copy(update={"task_search_path": search_paths})
     include_default_tasks = True
     if check_task_names:
-        include_default_tasks = check_tasks([t.name for t in config.tasks], search_paths)
+        names = [t.name for t in [*config.tasks, *(config.held_out_tasks or [])]]
+        include_default_tasks = check_tasks(list(dict.fromkeys(names)), search_paths)
     return RunSpec(
         config=config,
         options=options,

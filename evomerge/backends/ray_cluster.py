@@ -36,13 +36,25 @@ def connect_ray(address: str | None) -> bool:
         # candidate. Keep idle workers for the run instead. (On an existing cluster, set
         # RAY_idle_worker_killing_time_threshold_ms where the cluster is started.)
         kwargs["_system_config"] = {"idle_worker_killing_time_threshold_ms": 3_600_000}
-    ray.init(
-        address=address or "local",  # "local": never attach to somebody else's cluster
-        runtime_env={"env_vars": env_vars} if env_vars else None,
-        log_to_driver=False,
-        configure_logging=False,
-        **kwargs,
-    )
+    try:
+        ray.init(
+            address=address or "local",  # "local": never attach to somebody else's cluster
+            runtime_env={"env_vars": env_vars} if env_vars else None,
+            log_to_driver=False,
+            configure_logging=False,
+            **kwargs,
+        )
+    except ConnectionError as exc:
+        if address is None:
+            raise
+        raise ConnectionError(
+            f"--ray-address {address}: could not join the Ray cluster ({exc}). Check that the "
+            "cluster runs and the address is its head's GCS address (host:port of `ray start "
+            "--head`). A cluster started by `ray start` uses token authentication by default "
+            "(Ray 2.60), and Ray never sends a token to an explicit address unless told: set "
+            "RAY_AUTH_MODE=token in evomerge's environment, with the head's token in "
+            "~/.ray/auth_token or RAY_AUTH_TOKEN"
+        ) from exc
     return True
 
 

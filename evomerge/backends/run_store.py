@@ -4,13 +4,16 @@ Layout::
 
     run.json                  what run this path holds (fingerprint, config, options)
     records/<key>.json        one write-once record per evaluated candidate
+    baselines/<key>.json      parents and the uniform merge, scored before the search
+    held_out/<key>.json       baselines and the best candidates scored on held_out_tasks
     checkpoints/<n>.json      generation n as told to CMA-ES (format: evomerge.core.checkpoint)
-    quarantine/records/       records that could not be read, moved aside at resume
+    quarantine/<folder>/      records that could not be read, moved aside at resume
     lease.json                which process runs the search now (evomerge.backends.run_lease)
     best_config.yaml          the best merge so far, a config ``mergekit-yaml`` takes as is
     summary.json              evaluations spent, generations, best fitness and metrics
     merged/<key>/             scratch folder of an on-disk merge (local paths; deleted after scoring)
     final_model/              the best merge, when --save-final-model
+    report.md, report.png     ``evomerge report``: per-task table and fitness plot
 
 Every write is atomic: a temporary file then ``os.replace`` locally, a whole-object PUT on object
 stores, so a reader never sees half a file. Reading never executes anything: JSON and YAML only.
@@ -138,8 +141,10 @@ class RunStore:
     def write_text(self, rel: str, text: str, failpoint_name: str | None = None) -> None:
         """Write ``rel`` whole or not at all. ``failpoint_name`` marks the write for
         fault-injection tests: locally the point sits halfway through the temporary file."""
+        self.write_bytes(rel, text.encode(), failpoint_name)
+
+    def write_bytes(self, rel: str, data: bytes, failpoint_name: str | None = None) -> None:
         target = self.path(rel)
-        data = text.encode()
         if not self.is_local:
             if failpoint_name:
                 failpoint(failpoint_name)
@@ -173,9 +178,10 @@ class RunStore:
             raise StorageError(f"{self.path(rel)} is not valid JSON ({exc}); it may be truncated") from exc
 
     # --- records ---------------------------------------------------------------------------
-    def write_record(self, record: CandidateRecord) -> None:
-        """Write a candidate's record once; a second write of the same key is refused."""
-        rel = f"records/{record.key}.json"
+    def write_record(self, record: CandidateRecord, folder: str = "records") -> None:
+        """Write a candidate's record once; a second write of the same key is refused.
+        ``folder``: ``records`` (CMA-ES candidates), ``baselines`` or ``held_out``."""
+        rel = f"{folder}/{record.key}.json"
         self.record_path(record.key)  # validates the key
         if self._retrying("check", self.path(rel), self.fs.exists, self.path(rel)):
             raise StorageError(f"record {record.key} already exists; records are written once")
@@ -194,14 +200,16 @@ class RunStore:
         self.fs.invalidate_cache(directory)
         return self._retrying("list", directory, self.fs.ls, directory, detail=False)
 
-    def read_records(self, on_unreadable: Callable[[str], None] | None = None) -> dict[str, CandidateRecord]:
-        """Every readable record by key.
+    def read_records(
+        self, on_unreadable: Callable[[str], None] | None = None, folder: str = "records"
+    ) -> dict[str, CandidateRecord]:
+        """Every readable record in ``folder`` by key.
 
         A record that cannot be used (truncated, another format version, under another key's
         name) raises StorageError, or, with ``on_unreadable``, is moved to
-        ``quarantine/records/`` and reported through it: its candidate is then evaluated again.
+        ``quarantine/<folder>/`` and reported through it: its candidate is then evaluated again.
         """
-        directory = self.path("records")
+        directory = self.path(folder)
         try:
             names = self._list(directory)
         except FileNotFoundError:
@@ -212,7 +220,7 @@ class RunStore:
             if not base.endswith(".json") or base.startswith("."):
                 continue
             key = base[: -len(".json")]
-            text = self.read_text(f"records/{base}")
+            text = self.read_text(f"{folder}/{base}")
             try:
                 record = CandidateRecord.model_validate_json(text or "")
                 problem = None
@@ -229,7 +237,7 @@ class RunStore:
             where = self.fs.unstrip_protocol(name)
             if on_unreadable is None:
                 raise StorageError(f"record {where} {problem}")
-            aside = self.path("quarantine", "records", base)
+            aside = self.path("quarantine", folder, base)
             if self.is_local:
                 os.makedirs(os.path.dirname(aside), exist_ok=True)
             self._retrying("move", name, self.fs.mv, name, aside)

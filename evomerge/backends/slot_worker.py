@@ -14,7 +14,7 @@ import shutil
 import time
 from dataclasses import dataclass
 
-from evomerge.backends.evaluator_hf import HFEvaluator
+from evomerge.backends.evaluator_hf import HFEvaluator, Scores
 from evomerge.backends.merger_disk import DiskMerger
 from evomerge.backends.run_store import RunStore
 from evomerge.core.fitness import MissingMetricError, weighted_score
@@ -40,27 +40,39 @@ class SlotWorker:
         # Upstream passes None (lm-eval's 1). On a GPU, "auto" finds the largest batch that
         # fits; on a CPU, 16 keeps a small model's evaluation from being all overhead.
         batch_size = spec.options.batch_size or ("auto" if use_cuda else 16)
-        evaluator_args = dict(
+        self._evaluator_args = dict(
             device=device,
             batch_size=batch_size,
             dtype=spec.models.dtype,
             trust_remote_code=spec.options.trust_remote_code,
         )
         if spec.options.vllm:
-            from evomerge.backends.evaluator_vllm import VLLMEvaluator
-
-            evaluator_args["seed"] = spec.options.seed
-            evaluator_cls = VLLMEvaluator
-        else:
-            evaluator_cls = HFEvaluator
-        self.evaluator = evaluator_cls(
-            spec.evaluation, spec.options.task_search_path, spec.include_default_tasks, **evaluator_args
-        )
+            self._evaluator_args["seed"] = spec.options.seed
+        self.evaluator = self._make_evaluator(held_out=False)
+        self._held_out_evaluator = None  # built when the first held-out score is asked for
         self.resident = None
         if spec.options.in_memory:
             from evomerge.backends.resident_model import ResidentModel
 
             self.resident = ResidentModel(spec, device=device, batch_size=batch_size)
+
+    def _make_evaluator(self, held_out: bool) -> HFEvaluator:
+        if self.spec.options.vllm:
+            from evomerge.backends.evaluator_vllm import VLLMEvaluator as evaluator_cls
+        else:
+            evaluator_cls = HFEvaluator
+        # Held-out scores keep every item's metric: the report compares models item by item.
+        return evaluator_cls(
+            self.spec.evaluation_for(held_out), self.spec.options.task_search_path,
+            self.spec.include_default_tasks, per_item=held_out, **self._evaluator_args,
+        )
+
+    def _evaluator_for(self, request: CandidateRequest) -> HFEvaluator:
+        if not request.held_out:
+            return self.evaluator
+        if self._held_out_evaluator is None:
+            self._held_out_evaluator = self._make_evaluator(held_out=True)
+        return self._held_out_evaluator
 
     @property
     def node_id(self) -> str:
@@ -76,46 +88,51 @@ class SlotWorker:
         """Pool strategy: merge and score in this worker (in place with --in-memory)."""
         out_dir = self.store.scratch_dir(request.key)
 
-        def merge_and_score(timings: Timings) -> dict:
-            if self.resident is not None:
+        evaluator = self._evaluator_for(request)
+
+        def merge_and_score(timings: Timings) -> Scores:
+            # A baseline (a parent passed through, or the uniform merge) goes through disk: the
+            # resident model only takes merges of the search's own method.
+            if self.resident is not None and request.kind == "candidate":
                 timings.merge = self.resident.merge(request.merge_config)
                 t0 = time.perf_counter()
-                results = self.evaluator.score(self.resident.lm)
+                scores = evaluator.score(self.resident.lm)
                 timings.evaluate = time.perf_counter() - t0
-                return results
+                return scores
             t0 = time.perf_counter()
             self.merger.merge(request.merge_config, out_dir)
             timings.merge = time.perf_counter() - t0
-            return self._score_folder(out_dir, timings)
+            return self._score_folder(evaluator, out_dir, timings)
 
-        return self._outcome(merge_and_score, cleanup=out_dir, merge_node_id=self.node_id)
+        return self._outcome(request, merge_and_score, cleanup=out_dir, merge_node_id=self.node_id)
 
     def evaluate_merged(self, request: CandidateRequest, merged: MergedCandidate) -> EvaluationOutcome:
         """Serial and buffered strategies: score a folder merged by a merge task on this node."""
 
-        def score(timings: Timings) -> dict:
+        def score(timings: Timings) -> Scores:
             timings.merge = merged.seconds
             if merged.error:
                 raise CandidateMergeError(merged.error)
-            return self._score_folder(merged.path, timings)
+            return self._score_folder(self._evaluator_for(request), merged.path, timings)
 
-        return self._outcome(score, cleanup=merged.path, merge_node_id=merged.node_id)
+        return self._outcome(request, score, cleanup=merged.path, merge_node_id=merged.node_id)
 
-    def _score_folder(self, path: str, timings: Timings) -> dict:
-        result = self.evaluator.evaluate(path)
+    def _score_folder(self, evaluator: HFEvaluator, path: str, timings: Timings) -> Scores:
+        result = evaluator.evaluate(path)
         timings.load, timings.evaluate = result.load_seconds, result.evaluate_seconds
-        return result.results
+        return Scores(result.results, result.item_scores)
 
-    def _outcome(self, work, *, cleanup: str, merge_node_id: str) -> EvaluationOutcome:
-        """Run ``work(timings) -> lm-eval results`` and turn whatever happens into an outcome."""
+    def _outcome(self, request: CandidateRequest, work, *, cleanup: str, merge_node_id: str) -> EvaluationOutcome:
+        """Run ``work(timings) -> Scores`` and turn whatever happens into an outcome."""
         started = time.perf_counter()
         timings = Timings()
         metrics: dict = {}
+        items: dict = {}
         try:
             failpoint("slot-evaluate")  # tests kill, hang or fail the worker here
-            results = work(timings)
-            metrics = _numeric_metrics(results)
-            weighted_score(results, self.spec.config.tasks)  # raises on a bad metric
+            scores = work(timings)
+            metrics, items = _numeric_metrics(scores.results), scores.item_scores
+            weighted_score(scores.results, self.spec.evaluation_for(request.held_out).tasks)  # raises on a bad metric
             status, error, fatal = "ok", None, False
         except MissingMetricError as exc:
             status, error, fatal = "failed", str(exc), True
@@ -129,6 +146,7 @@ class SlotWorker:
         return EvaluationOutcome(
             status=status, metrics=metrics, error=error, fatal=fatal, timings=timings,
             node=self.node, slot=self.slot, merge_node_id=merge_node_id, eval_node_id=self.node_id,
+            item_scores=items,
         )
 
 
@@ -177,11 +195,13 @@ def _disk_merger(options, use_cuda: bool) -> DiskMerger:
 
 
 def _numeric_metrics(results: dict) -> dict[str, dict[str, float | None]]:
+    """Each task's metrics (``name,filter`` keys); lm-eval's other fields (alias, name,
+    sample_len) and the stderr entries are left out."""
     out: dict[str, dict[str, float | None]] = {}
     for task, values in results.items():
         out[task] = {
             k: (float(v) if isinstance(v, (int, float)) else None)
             for k, v in values.items()
-            if k != "alias" and "_stderr" not in k
+            if "," in k and "_stderr" not in k
         }
     return out

@@ -142,10 +142,16 @@ class TaskConfiguration(_Strict):
 
 
 class EvolveConfig(_Strict):
-    """The whole YAML file: ``genome``, ``tasks`` and optional lm-eval settings."""
+    """The whole YAML file: ``genome``, ``tasks`` and optional lm-eval settings.
+
+    ``held_out_tasks`` is evomerge's one addition (optional; a file without it is still a valid
+    ``mergekit-evolve`` config): tasks the search never sees, on which the baselines and the
+    best candidates are scored again, so that a user sees how much of a win is selection noise.
+    """
 
     genome: GenomeDefinition
     tasks: list[TaskConfiguration]
+    held_out_tasks: list[TaskConfiguration] | None = None
     limit: int | float | None = None
     num_fewshot: int | None = None
     shuffle: bool = False
@@ -153,13 +159,16 @@ class EvolveConfig(_Strict):
     apply_chat_template: bool = False
     fewshot_as_multiturn: bool = True
 
-    @field_validator("tasks")
+    @field_validator("tasks", "held_out_tasks")
     @classmethod
-    def _some_tasks(cls, value: list[TaskConfiguration]) -> list[TaskConfiguration]:
+    def _some_tasks(cls, value: list[TaskConfiguration] | None, info) -> list[TaskConfiguration] | None:
+        if value is None:
+            return None
         if not value:
             raise ValueError(
-                "no tasks: add at least one lm-eval task under 'tasks:' "
+                f"no tasks: add at least one lm-eval task under '{info.field_name}:' "
                 "(e.g. '- name: my_task' with an optional 'metric' and 'weight')"
+                + (", or remove the key" if info.field_name == "held_out_tasks" else "")
             )
         seen: set[tuple[str, str]] = set()
         for task in value:

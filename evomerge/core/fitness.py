@@ -40,7 +40,8 @@ def weighted_score(
             )
         task_results = results[task.name]
         if task.metric not in task_results:
-            available = sorted(k for k in task_results if k != "alias" and "_stderr" not in k)
+            # Metrics are "name,filter" keys; lm-eval also puts alias, name, sample_len here.
+            available = sorted(k for k in task_results if "," in k and "_stderr" not in k)
             raise MissingMetricError(
                 f"task {task.name!r} does not produce metric {task.metric!r}; it produces "
                 f"{', '.join(available)}. Set 'metric:' of this task to one of those"

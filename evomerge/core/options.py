@@ -85,6 +85,16 @@ class RunOptions(BaseModel):
     worker_retries: int = Field(
         2, description="Times a candidate is retried when its slot's worker process dies under it."
     )
+    baselines: bool = Field(
+        True,
+        description="Score each parent model and the uniform merge before the search (not "
+        "counted in --max-fevals).",
+    )
+    held_out_top: int = Field(
+        3,
+        description="With held_out_tasks in the config: how many of the best candidates are "
+        "scored on them at the end (besides the baselines).",
+    )
 
     @field_validator("max_fevals")
     @classmethod
@@ -107,7 +117,7 @@ class RunOptions(BaseModel):
             raise ValueError("must be at least 2 (CMA-ES ranks candidates against each other)")
         return value
 
-    @field_validator("batch_size", "num_gpus", "cpu_slots", "generations_per_run")
+    @field_validator("batch_size", "num_gpus", "cpu_slots", "generations_per_run", "held_out_top")
     @classmethod
     def _positive_count(cls, value: int | None) -> int | None:
         if value is not None and value < 1:

@@ -65,6 +65,11 @@ def error_summary(exc: BaseException, limit: int = 500) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}{where}"[:limit]
 
 
+# What a record is: a candidate CMA-ES asked for, or a baseline (a parent model, the uniform
+# merge) scored for comparison. Only candidates are told to CMA-ES or count in the budget.
+RecordKind = Literal["candidate", "baseline"]
+
+
 class CandidateRequest(BaseModel):
     """One candidate to merge and score: what a slot needs, nothing more."""
 
@@ -75,6 +80,10 @@ class CandidateRequest(BaseModel):
     index: int
     vector: list[float]
     merge_config: dict[str, Any]
+    kind: RecordKind = "candidate"
+    label: str = ""  # a baseline's name ("parent shift_expert", "uniform merge")
+    held_out: bool = False  # scored on the config's held_out_tasks instead of its tasks
+    search_key: str = ""  # held out: the key of the same merge scored on the search's tasks
 
 
 class Timings(BaseModel):
@@ -106,6 +115,9 @@ class EvaluationOutcome(BaseModel):
     eval_node_id: str = ""
     attempts: int = 1  # >1: the slot's worker died under it and it was run again
     worker_deaths: list[str] = Field(default_factory=list)  # how each earlier attempt ended
+    # Held-out scoring only: each task's metric per item, in lm-eval's document order, so that
+    # two models can be compared item by item (paired standard errors).
+    item_scores: dict[str, list[float]] = Field(default_factory=dict)
 
 
 class CandidateRecord(BaseModel):
@@ -130,3 +142,8 @@ class CandidateRecord(BaseModel):
     attempts: int = 1
     worker_deaths: list[str] = Field(default_factory=list)
     finished_at: float = 0.0
+    kind: RecordKind = "candidate"
+    label: str = ""
+    held_out: bool = False
+    search_key: str = ""
+    item_scores: dict[str, list[float]] = Field(default_factory=dict)

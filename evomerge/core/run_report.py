@@ -1,23 +1,29 @@
 """What a run shows about itself (pure): the candidate table of a generation, the best
-configuration as markdown, and a progress line. The Prefect publisher and the terminal both
+configuration as markdown, a progress line, and the best candidates against the baselines. The Prefect publisher and the terminal both
 take their text from here, so the UI and the files never disagree.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import yaml
 
 from evomerge.core.config import TaskConfiguration
 from evomerge.core.records import CandidateRecord
+from evomerge.core.references import PARENT_PREFIX, paired_difference
 
 
 def candidate_rows(records: Iterable[CandidateRecord], tasks: Sequence[TaskConfiguration]) -> list[dict]:
-    """One row per candidate, in the order asked: parameters, per-task metrics, fitness, slot."""
+    """One row per candidate, in the order asked: parameters, per-task metrics, fitness, slot.
+    Only tasks that some record was scored on get a column."""
+    records = sorted(records, key=lambda r: (r.generation, r.index))
+    tasks = [t for t in tasks if any(t.name in r.metrics for r in records)]
     rows = []
-    for r in sorted(records, key=lambda r: (r.generation, r.index)):
-        row: dict = {"candidate": f"{r.generation}.{r.index}", "key": r.key, "status": r.status}
+    for r in records:
+        name = r.label or f"{r.generation}.{r.index}"
+        row: dict = {"candidate": f"{name} (held out)" if r.held_out else name, "key": r.key, "status": r.status}
         row["fitness"] = None if r.score is None else round(r.score, 6)
         for task in tasks:
             value = r.metrics.get(task.name, {}).get(task.metric)
@@ -94,3 +100,130 @@ def progress_line(
     if seconds_left is not None:
         parts.append(f"~{seconds_left:.0f} s left")
     return ", ".join(parts)
+
+
+# --- the search against its baselines ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ComparisonRow:
+    """One model of the comparison: an evolved candidate or a baseline, with its search-task
+    score and, where it was scored on them, its held-out score."""
+
+    label: str
+    key: str
+    search_score: float | None
+    search_metrics: dict[str, float | None]
+    held_out_score: float | None = None
+    held_out_metrics: dict[str, float | None] = field(default_factory=dict)
+    held_out_items: dict[str, list[float]] = field(default_factory=dict)
+
+    @property
+    def is_evolved(self) -> bool:
+        return self.label.startswith(EVOLVED_PREFIX)
+
+
+EVOLVED_PREFIX = "evolved"
+
+
+def comparison_rows(
+    top: Sequence[CandidateRecord],
+    baselines: Mapping[str, CandidateRecord],
+    held_out: Mapping[str, CandidateRecord],
+    tasks: Sequence[TaskConfiguration],
+    held_out_tasks: Sequence[TaskConfiguration] | None,
+) -> list[ComparisonRow]:
+    """The best candidates (best first), then the baselines in the order they were asked."""
+    by_search_key = {r.search_key: r for r in held_out.values() if r.status == "ok"}
+
+    def row(label: str, record: CandidateRecord) -> ComparisonRow:
+        scored = by_search_key.get(record.key)
+        return ComparisonRow(
+            label=label, key=record.key,
+            search_score=record.score if record.status == "ok" else None,
+            search_metrics=_task_values(record, tasks),
+            held_out_score=scored.score if scored else None,
+            held_out_metrics=_task_values(scored, held_out_tasks or []) if scored else {},
+            held_out_items=dict(scored.item_scores) if scored else {},
+        )
+
+    rows = [row(EVOLVED_PREFIX + (" (best)" if i == 0 else f" #{i + 1}"), r) for i, r in enumerate(top)]
+    ordered = sorted((r for r in baselines.values() if not r.held_out), key=lambda r: r.index)
+    rows += [row(r.label, r) for r in ordered]
+    return rows
+
+
+def _task_values(record: CandidateRecord, tasks: Sequence[TaskConfiguration]) -> dict[str, float | None]:
+    return {f"{t.name} {t.metric}": record.metrics.get(t.name, {}).get(t.metric) for t in tasks}
+
+
+def comparison_summary(
+    rows: Sequence[ComparisonRow], held_out_tasks: Sequence[TaskConfiguration] | None
+) -> dict:
+    """For summary.json: each row's scores, the gain over the best parent on the search's tasks
+    and, on held-out tasks, the best candidate against every baseline (paired over items)."""
+    evolved = next((r for r in rows if r.is_evolved), None)
+    parents = [r for r in rows if r.label.startswith(PARENT_PREFIX) and r.search_score is not None]
+    best_parent = max(parents, key=lambda r: r.search_score, default=None)
+    out: dict = {
+        "models": [
+            {"label": r.label, "key": r.key, "fitness": r.search_score, "metrics": r.search_metrics,
+             "held_out_fitness": r.held_out_score, "held_out_metrics": r.held_out_metrics or None}
+            for r in rows
+        ],
+        "best_parent": best_parent.label if best_parent else None,
+        "gain_over_best_parent": (
+            evolved.search_score - best_parent.search_score
+            if evolved and best_parent and evolved.search_score is not None else None
+        ),
+        "held_out_vs_baselines": {},
+    }
+    if evolved and evolved.held_out_items and held_out_tasks:
+        for r in rows:
+            if r.is_evolved or not r.held_out_items:
+                continue
+            d = paired_difference(evolved.held_out_items, r.held_out_items, held_out_tasks)
+            out["held_out_vs_baselines"][r.label] = {
+                "difference": d.difference, "standard_error": d.standard_error,
+                "standard_errors": d.z, "items": d.items,
+            }
+    return out
+
+
+def comparison_markdown(
+    rows: Sequence[ComparisonRow],
+    tasks: Sequence[TaskConfiguration],
+    held_out_tasks: Sequence[TaskConfiguration] | None,
+) -> str:
+    """The per-task table of the best candidates against the baselines, and the gains."""
+    if not rows:
+        return "# Evolved merge against its baselines\n\nNothing scored yet.\n"
+    summary = comparison_summary(rows, held_out_tasks)
+    columns = [f"{t.name} {t.metric}" for t in tasks]
+    header = ["model", *columns, "fitness"]
+    held_columns = [f"{t.name} {t.metric}" for t in held_out_tasks or []]
+    if held_columns:
+        header += [f"held out: {c}" for c in held_columns] + ["held-out fitness"]
+    lines = ["# Evolved merge against its baselines", "",
+             "Fitness on the search's tasks" + (" and on the held-out tasks (never seen by the search)"
+                                                if held_columns else "") + ".", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [r.label, *(_fmt(r.search_metrics.get(c)) for c in columns), _fmt(r.search_score)]
+        if held_columns:
+            cells += [*(_fmt(r.held_out_metrics.get(c)) for c in held_columns), _fmt(r.held_out_score)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    if summary["gain_over_best_parent"] is not None:
+        lines.append(f"Gain of the best candidate over the best parent ({summary['best_parent']}) on the "
+                     f"search's tasks: {summary['gain_over_best_parent']:+.4f} (selected on these "
+                     "tasks, so optimistic).")
+    for label, d in summary["held_out_vs_baselines"].items():
+        lines.append(f"- held out, best candidate - {label}: {d['difference']:+.4f} "
+                     f"(paired standard error {d['standard_error']:.4f}, {d['standard_errors']:.1f} SE, "
+                     f"{d['items']} items)")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"

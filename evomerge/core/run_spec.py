@@ -18,7 +18,7 @@ _NOT_IN_FINGERPRINT = {
     "wandb", "wandb_project", "wandb_entity", "save_final_model", "slot_start_timeout",
     "max_failed_fraction", "reshard", "merge_cuda", "strategy", "in_memory",
     "task_search_path", "candidate_timeout", "worker_retries",
-    "generations_per_run",
+    "generations_per_run", "baselines", "held_out_top",
 }
 
 
@@ -50,6 +50,16 @@ class RunSpec(BaseModel):
     def evaluation(self) -> EvaluationSettings:
         return EvaluationSettings.from_config(self.config, "vllm" if self.options.vllm else "hf")
 
+    @property
+    def held_out_evaluation(self) -> EvaluationSettings | None:
+        """The held-out tasks' settings (same lm-eval settings), or None without held-out tasks."""
+        if not self.config.held_out_tasks:
+            return None
+        return self.evaluation.model_copy(update={"tasks": self.config.held_out_tasks})
+
+    def evaluation_for(self, held_out: bool) -> EvaluationSettings:
+        return self.held_out_evaluation if held_out else self.evaluation
+
     def search_space(self) -> SearchSpace:
         return SearchSpace(self.config.genome, self.models.num_layers, dtype=self.models.dtype)
 
@@ -60,7 +70,8 @@ class RunSpec(BaseModel):
         """Identifies the search: same fingerprint, same trajectory for the same scores."""
         shaping = self.options.model_dump(mode="json", exclude=_NOT_IN_FINGERPRINT)
         payload = canonical_json(
-            {"config": self.config.model_dump(mode="json"), "options": shaping,
+            # Held-out tasks never reach CMA-ES: adding some continues the same search.
+            {"config": self.config.model_dump(mode="json", exclude={"held_out_tasks"}), "options": shaping,
              "models": self.models.model_dump(mode="json")}
         )
         return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -1,0 +1,137 @@
+"""What the search is compared with: baselines, held-out re-scoring and paired differences.
+
+Baselines are each parent model (the ``models`` and the ``base_model``) and the uniform merge
+(the point CMA-ES starts from), scored on the search's tasks before the search; they are what a
+user would pick by hand. With ``held_out_tasks`` in the config, the baselines and the best few
+candidates are scored again on those tasks, which the search never sees: the gap between the
+search score and the held-out score is how much of a win is selection noise.
+
+A parent is written by mergekit's ``passthrough`` method (the model itself, in the run's dtype),
+so it is scored through exactly the same merge-load-evaluate path as every candidate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from evomerge.core.config import TaskConfiguration
+from evomerge.core.records import CandidateRecord, CandidateRequest, EvaluationSettings, candidate_key
+from evomerge.core.search_space import SearchSpace
+
+UNIFORM_LABEL = "uniform merge"
+PARENT_PREFIX = "parent "
+# Baselines and held-out scores carry no CMA-ES generation.
+REFERENCE_GENERATION = -1
+
+
+def parent_models(space: SearchSpace) -> list[str]:
+    """The models a user starts from: the base model first, then the others, each once."""
+    genome = space.genome
+    return list(dict.fromkeys([*([genome.base_model] if genome.base_model else []), *genome.models]))
+
+
+def baseline_merges(space: SearchSpace) -> list[tuple[str, dict, list[float]]]:
+    """``(label, mergekit config, search vector)`` of every baseline: each parent (no vector),
+    then the uniform merge."""
+    merges = [
+        (f"{PARENT_PREFIX}{space.model_label(model)}",
+         {"merge_method": "passthrough", "models": [{"model": model}], "dtype": space.dtype}, [])
+        for model in parent_models(space)
+    ]
+    uniform = space.initial_point()
+    merges.append((UNIFORM_LABEL, space.decode(uniform), [float(v) for v in uniform]))
+    return merges
+
+
+def baseline_requests(
+    space: SearchSpace,
+    settings: EvaluationSettings,
+    held_out: EvaluationSettings | None,
+    recorded: Mapping[str, CandidateRecord],
+) -> list[CandidateRequest]:
+    """Baselines on the search's tasks (and on the held-out tasks) that have no record yet."""
+    requests = []
+    for index, (label, merge, vector) in enumerate(baseline_merges(space)):
+        search_key = candidate_key(merge, settings)
+        variants = [(search_key, False)]
+        if held_out is not None:
+            variants.append((candidate_key(merge, held_out), True))
+        for key, is_held_out in variants:
+            if key not in recorded:
+                requests.append(CandidateRequest(
+                    key=key, generation=REFERENCE_GENERATION, index=index, vector=vector,
+                    merge_config=merge, kind="baseline", label=label, held_out=is_held_out,
+                    search_key=search_key,
+                ))
+    return requests
+
+
+def top_candidates(records: Mapping[str, CandidateRecord], count: int) -> list[CandidateRecord]:
+    """The ``count`` best successful candidates, best first (ties: earliest evaluated)."""
+    ok = [r for r in records.values() if r.kind == "candidate" and r.status == "ok" and r.score is not None]
+    return sorted(ok, key=lambda r: (-r.score, r.generation, r.index))[:count]
+
+
+def held_out_requests(
+    candidates: Sequence[CandidateRecord],
+    held_out: EvaluationSettings,
+    recorded: Mapping[str, CandidateRecord],
+) -> list[CandidateRequest]:
+    """Held-out scoring of these candidates, for those not scored yet."""
+    requests = []
+    for record in candidates:
+        key = candidate_key(record.merge_config, held_out)
+        if key not in recorded:
+            requests.append(CandidateRequest(
+                key=key, generation=record.generation, index=record.index, vector=record.vector,
+                merge_config=record.merge_config, kind="candidate", held_out=True,
+                search_key=record.key,
+            ))
+    return requests
+
+
+def best_parent(baselines: Mapping[str, CandidateRecord]) -> CandidateRecord | None:
+    """The best-scoring parent on the search's tasks."""
+    parents = [r for r in baselines.values()
+               if r.label.startswith(PARENT_PREFIX) and not r.held_out and r.status == "ok"]
+    return max(parents, key=lambda r: r.score, default=None)
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Fitness of A minus fitness of B over the same items, with its standard error."""
+
+    difference: float
+    standard_error: float
+    items: int
+
+    @property
+    def z(self) -> float:
+        return self.difference / self.standard_error if self.standard_error > 0 else math.inf
+
+
+def paired_difference(
+    a: Mapping[str, Sequence[float]], b: Mapping[str, Sequence[float]], tasks: Sequence[TaskConfiguration]
+) -> PairedDifference:
+    """Weighted fitness difference of two models scored item by item on the same tasks.
+
+    Per task, the mean of the per-item differences and its standard error (sample standard
+    deviation / sqrt(n)); tasks are independent, so the weighted variances add.
+    """
+    difference, variance, items = 0.0, 0.0, 0
+    for task in tasks:
+        x, y = np.asarray(a[task.name], dtype=float), np.asarray(b[task.name], dtype=float)
+        if x.shape != y.shape or x.size < 2:
+            raise ValueError(
+                f"task {task.name!r}: per-item scores of unequal length ({x.size} and {y.size}) "
+                "cannot be paired"
+            )
+        d = x - y
+        difference += task.weight * float(d.mean())
+        variance += task.weight**2 * float(d.var(ddof=1)) / d.size
+        items += d.size
+    return PairedDifference(difference, math.sqrt(variance), items)

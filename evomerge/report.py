@@ -1,0 +1,63 @@
+"""``evomerge report STORAGE_PATH``: what a search found, against what a user would pick by hand.
+
+Reads only the storage path (JSON records, no pickle; local or ``s3://``) and writes next to them:
+
+- ``report.png``: every candidate's fitness over the evaluations, the best so far, and each
+  baseline (parents, uniform merge) as a line;
+- ``report.md``: the per-task table of the best candidates against the baselines, the gain over
+  the best parent on the search's tasks and, with held-out tasks, the best candidate against
+  every baseline on them with paired standard errors.
+
+It can run while a search is going on (it reads what is written) or long after it.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from evomerge.backends.report_plot import fitness_plot_png
+from evomerge.backends.run_store import RunStore, StorageError
+from evomerge.core.config import EvolveConfig
+from evomerge.core.references import top_candidates
+from evomerge.core.run_report import comparison_markdown, comparison_rows
+
+
+@click.command("report", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("storage_path")
+@click.option("--top", type=int, default=None, help="Best candidates in the table (default: the run's --held-out-top).")
+def report(storage_path: str, top: int | None) -> None:
+    """Write report.md and report.png for the search in STORAGE_PATH."""
+    try:
+        markdown = write_report(storage_path, top)
+    except StorageError as exc:
+        click.echo(f"evomerge report: error: {exc}", err=True)
+        sys.exit(1)
+    click.echo(markdown)
+
+
+def write_report(storage_path: str, top: int | None = None) -> str:
+    store = RunStore(storage_path.rstrip("/") if "://" in storage_path else storage_path)
+    manifest = store.read_json("run.json")
+    if manifest is None:
+        raise StorageError(
+            f"{store.path('run.json')} does not exist: {storage_path} holds no evomerge search. "
+            "Give the --storage-path of a run"
+        )
+    config = EvolveConfig.model_validate(manifest["config"])
+    top = top or manifest.get("options", {}).get("held_out_top") or 3
+    records = store.read_records()
+    baselines = store.read_records(folder="baselines")
+    held_out = store.read_records(folder="held_out")
+    rows = comparison_rows(top_candidates(records, top), baselines, held_out, config.tasks,
+                           config.held_out_tasks)
+    store.write_bytes("report.png", fitness_plot_png(records.values(), baselines.values()))
+    failed = sum(r.status == "failed" for r in records.values())
+    markdown = (
+        comparison_markdown(rows, config.tasks, config.held_out_tasks)
+        + f"\n{len(records)} candidates evaluated ({failed} failed). Fitness plot: "
+        f"{store.path('report.png')}\n"
+    )
+    store.write_text("report.md", markdown)
+    return markdown
