@@ -51,7 +51,7 @@ def _flag(name: str, default: bool, help: str, *aliases: str):
 @click.option("--ray-address", default=None, help="Existing Ray cluster (default: a private local one).")
 @click.option("--cpu-slots", type=int, default=None, help="Evaluation slots without GPUs (default: one per CPU).")
 @click.option("--max-failed-fraction", type=float, default=0.5, show_default=True, help="Stop when more of a generation fails.")
-@click.option("--slot-start-timeout", type=float, default=120.0, show_default=True, help="Seconds Ray may take to place the slots.")
+@click.option("--slot-start-timeout", type=float, default=600.0, show_default=True, help="Seconds Ray may take to place and start the slots.")
 @click.option("--candidate-timeout", type=float, default=3600.0, show_default=True, help="Seconds a candidate may take before it is failed and its worker restarted.")
 @click.option("--generations-per-run", type=int, default=None, help="Stop cleanly after this many generations; the same command continues.")
 @click.option("--worker-retries", type=int, default=2, show_default=True, help="Retries of a candidate whose worker process died.")

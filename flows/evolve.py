@@ -57,7 +57,7 @@ def evolve(
     ray_address: str | None = None,
     cpu_slots: int | None = None,
     max_failed_fraction: float = 0.5,
-    slot_start_timeout: float = 120.0,
+    slot_start_timeout: float = 600.0,
     candidate_timeout: float = 3600.0,
     worker_retries: int = 2,
     generations_per_run: int | None = None,

@@ -70,7 +70,10 @@ class RunOptions(BaseModel):
         0.5, description="Stop the run when more than this fraction of a generation fails."
     )
     slot_start_timeout: float = Field(
-        120.0, description="Seconds to wait for Ray to place the evaluation slots."
+        # Placing a slot includes starting its worker (torch, lm-eval's tasks, with --in-memory
+        # the sources and the resident model): on a 2-core machine at load 8 that took over
+        # 120 s, and a run that gives up here loses its whole start.
+        600.0, description="Seconds to wait for Ray to place and start the evaluation slots."
     )
     candidate_timeout: float = Field(
         3600.0,
