@@ -162,6 +162,11 @@ class SearchSession:
         fresh = any((r := self.records.get(k)) is not None and r.generation == generation for k in keys)
         self.idle_generations = 0 if fresh else self.idle_generations + 1
 
+    @property
+    def search_finished(self) -> bool:
+        """The search itself is over (budget spent, or converged), not just this run."""
+        return self.budget_left == 0 or self.idle_generations >= IDLE_GENERATIONS_LIMIT
+
     def should_stop(self) -> str | None:
         if self.finished_reason:
             return self.finished_reason

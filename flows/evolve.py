@@ -125,7 +125,7 @@ def _search_loop(spec: RunSpec, session: SearchSession) -> dict[str, Any]:
                     spec.options.max_fevals, f"{best.score:.4f}" if best else "none",
                 )
             # The search is over (not paused): score the best candidates on the held-out tasks.
-            if session.budget_left == 0 and (held_out := session.held_out_requests()):
+            if session.search_finished and (held_out := session.held_out_requests()):
                 run_references("held-out", held_out, slots.refs(), session.id)
     finally:
         for observer in observers:

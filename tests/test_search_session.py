@@ -215,3 +215,4 @@ def test_a_search_that_only_asks_evaluated_merges_stops_converged_and_stays_stop
     assert session.evaluations < 200 and session.best.parameters == {"layers 0-0/t": 1.0, "layers 1-1/t": 0.0}
     resumed = SearchSession(spec)
     assert resumed.idle_generations == 10 and resumed.should_stop() == reason
+    assert resumed.search_finished, "a converged search gets its held-out scores like a spent one"
