@@ -17,11 +17,11 @@ import sys
 
 import click
 
+from evomerge.backends.prepare import normalize_storage_path
 from evomerge.backends.report_plot import fitness_plot_png
 from evomerge.backends.run_store import RunStore, StorageError
 from evomerge.core.config import EvolveConfig
-from evomerge.core.references import top_candidates
-from evomerge.core.run_report import comparison_markdown, comparison_rows
+from evomerge.core.run_report import comparison_for, comparison_markdown
 
 
 @click.command("report", context_settings={"help_option_names": ["-h", "--help"]})
@@ -38,7 +38,7 @@ def report(storage_path: str, top: int | None) -> None:
 
 
 def write_report(storage_path: str, top: int | None = None) -> str:
-    store = RunStore(storage_path.rstrip("/") if "://" in storage_path else storage_path)
+    store = RunStore(normalize_storage_path(storage_path))
     manifest = store.read_json("run.json")
     if manifest is None:
         raise StorageError(
@@ -50,8 +50,7 @@ def write_report(storage_path: str, top: int | None = None) -> str:
     records = store.read_records()
     baselines = store.read_records(folder="baselines")
     held_out = store.read_records(folder="held_out")
-    rows = comparison_rows(top_candidates(records, top), baselines, held_out, config.tasks,
-                           config.held_out_tasks)
+    rows = comparison_for(records, baselines, held_out, config, top)
     store.write_bytes("report.png", fitness_plot_png(records.values(), baselines.values()))
     failed = sum(r.status == "failed" for r in records.values())
     markdown = (

@@ -29,7 +29,7 @@ from evomerge.core.fitness import MissingMetricError, NonFiniteMetricError, too_
 from evomerge.core.optimizer import CmaOptimizer
 from evomerge.core.records import CandidateRecord, CandidateRequest, EvaluationOutcome
 from evomerge.core.references import baseline_requests, held_out_requests, top_candidates
-from evomerge.core.run_report import ComparisonRow, comparison_rows, comparison_summary
+from evomerge.core.run_report import ComparisonRow, comparison_for, comparison_summary
 from evomerge.core.run_spec import RunSpec
 from evomerge.core.search_loop import GenerationPlan, best_record, plan_generation
 from evomerge.failpoints import failpoint
@@ -221,9 +221,8 @@ class SearchSession:
                                  held_out, self.held_out)
 
     def comparison(self) -> list[ComparisonRow]:
-        top = top_candidates(self.records, max(1, self.spec.options.held_out_top))
-        return comparison_rows(top, self.baselines, self.held_out, self.spec.config.tasks,
-                               self.spec.config.held_out_tasks)
+        return comparison_for(self.records, self.baselines, self.held_out, self.spec.config,
+                              self.spec.options.held_out_top)
 
     def record_outcome(
         self, request: CandidateRequest, outcome: EvaluationOutcome, round_trip: float = 0.0

@@ -11,7 +11,6 @@ from evomerge.core.config import GenomeDefinition, TaskConfiguration
 from evomerge.core.records import CandidateRecord, EvaluationSettings, candidate_key
 from evomerge.core.references import (
     baseline_requests,
-    best_parent,
     held_out_requests,
     paired_difference,
     top_candidates,
@@ -115,4 +114,3 @@ def test_comparison_shows_gain_over_best_parent_and_held_out_differences():
     text = comparison_markdown(rows, TASKS, HELD)
     assert "| evolved (best) | 0.9000 | 0.8000 | 1.3000 | 0.7500 | 0.5000 | 1.0000 |" in text
     assert f"best candidate - parent rev: {expected.difference:+.4f}" in text
-    assert best_parent(baselines).label == "parent rev"

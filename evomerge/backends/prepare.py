@@ -239,14 +239,14 @@ def prepare_run(
     return RunSpec(
         config=config,
         options=options,
-        storage_path=_normalize_storage_path(storage_path),
+        storage_path=normalize_storage_path(storage_path),
         models=models,
         working_dir=os.getcwd(),
         include_default_tasks=include_default_tasks,
     )
 
 
-def _normalize_storage_path(storage_path: str) -> str:
+def normalize_storage_path(storage_path: str) -> str:
     if "://" in storage_path and not storage_path.startswith("file://"):
         return storage_path.rstrip("/")
     return os.path.abspath(storage_path.removeprefix("file://"))

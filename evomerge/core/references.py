@@ -94,13 +94,6 @@ def held_out_requests(
     return requests
 
 
-def best_parent(baselines: Mapping[str, CandidateRecord]) -> CandidateRecord | None:
-    """The best-scoring parent on the search's tasks."""
-    parents = [r for r in baselines.values()
-               if r.label.startswith(PARENT_PREFIX) and not r.held_out and r.status == "ok"]
-    return max(parents, key=lambda r: r.score, default=None)
-
-
 @dataclass(frozen=True)
 class PairedDifference:
     """Fitness of A minus fitness of B over the same items, with its standard error."""

@@ -12,7 +12,7 @@ import yaml
 
 from evomerge.core.config import TaskConfiguration
 from evomerge.core.records import CandidateRecord
-from evomerge.core.references import PARENT_PREFIX, paired_difference
+from evomerge.core.references import PARENT_PREFIX, paired_difference, top_candidates
 
 
 def candidate_rows(records: Iterable[CandidateRecord], tasks: Sequence[TaskConfiguration]) -> list[dict]:
@@ -151,6 +151,19 @@ def comparison_rows(
     ordered = sorted((r for r in baselines.values() if not r.held_out), key=lambda r: r.index)
     rows += [row(r.label, r) for r in ordered]
     return rows
+
+
+def comparison_for(
+    records: Mapping[str, CandidateRecord],
+    baselines: Mapping[str, CandidateRecord],
+    held_out: Mapping[str, CandidateRecord],
+    config,
+    top: int,
+) -> list[ComparisonRow]:
+    """The comparison of a search: its ``top`` best candidates and its baselines (``config``:
+    the EvolveConfig, for the tasks and held-out tasks)."""
+    return comparison_rows(top_candidates(records, max(1, top)), baselines, held_out, config.tasks,
+                           config.held_out_tasks)
 
 
 def _task_values(record: CandidateRecord, tasks: Sequence[TaskConfiguration]) -> dict[str, float | None]:
