@@ -7,14 +7,16 @@ Run from the repository root (models: python examples/tiny/make_models.py --out 
 Both sides run the tiny example in a fresh process and a fresh storage path, with one evaluation
 slot and one torch thread, so they do the same sequential work:
 
-1. bare loop: prepare_run -> SearchSession -> next_generation / SlotWorker.run / record_outcome /
-   finish_generation, in one plain Python process;
+1. bare loop: prepare_run -> SearchSession -> the search loop (``run_search_loop``, the one the
+   evolve flow runs) with each batch evaluated by an in-process SlotWorker, in one plain Python
+   process;
 2. pipeline: ``python -m evomerge.cli ... --cpu-slots 1``, with its private Prefect server
    (PREFECT_API_URL unset) and a private Ray, i.e. what a user runs.
 
 Times come from the parent (process start and exit) and from the records (finished_at, timings),
 so both sides are measured the same way. The final-model merge is off on both sides: it is the
-same library call either way and is not orchestration.
+same library call either way and is not orchestration; so are the baselines (the same evaluations
+either way), so the start-up is process start to the first search candidate.
 """
 
 from __future__ import annotations
@@ -45,25 +47,17 @@ def bare_loop(storage: str, max_fevals: int, popsize: int, seed: int) -> None:
     from evomerge.backends.run_lease import RunLease
     from evomerge.backends.run_store import RunStore
     from evomerge.backends.slot_worker import SlotWorker
+    from evomerge.search_loop import inline_runner, run_search_loop
     from evomerge.search_session import SearchSession
 
     options = build_options(max_fevals=max_fevals, popsize=popsize, seed=seed, cpu_slots=1,
-                            task_search_path=[TASKS], save_final_model=False)
+                            task_search_path=[TASKS], save_final_model=False, baselines=False)
     spec = prepare_run(CONFIG, storage, options)
     store = RunStore(spec.storage_path)
     with RunLease(store):  # run_search holds it too; it is storage, not orchestration
         session = SearchSession(spec, store)
         worker = SlotWorker(spec, "slot-0", threads=1)  # the pipeline's CPU slot gets num_cpus=1
-        while (reason := session.should_stop()) is None:
-            plan = session.next_generation()
-            for request in plan.to_evaluate:
-                # round_trip measured as dispatch.py does: submission to result, here a plain call
-                t0 = time.perf_counter()
-                outcome = worker.run(request)
-                session.record_outcome(request, outcome, time.perf_counter() - t0)
-            session.finish_generation(plan)
-        session.finished_reason = reason
-        session.write_summary()
+        run_search_loop(session, inline_runner(session, worker.run))
         session.close()
 
 
@@ -135,7 +129,7 @@ def main() -> None:
     search = ["--max-fevals", str(args.max_fevals), "--popsize", str(args.popsize), "--seed", str(args.seed)]
     bare_cmd = [sys.executable, str(Path(__file__).resolve()), "--bare", str(tmp / "bare"), *search]
     cli_cmd = [sys.executable, "-m", "evomerge.cli", CONFIG, "--storage-path", str(tmp / "pipeline"),
-               "--task-search-path", TASKS, "--cpu-slots", "1", "--no-save-final-model", *search]
+               "--task-search-path", TASKS, "--cpu-slots", "1", "--no-save-final-model", "--no-baselines", *search]
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs)")
     results = {}
     for name, cmd in (("bare", bare_cmd), ("pipeline", cli_cmd)):

@@ -7,9 +7,10 @@
 Run from the repository root. Both methods search the config's space with the same evaluation
 code and budget, in plain processes (no Prefect, no Ray; one torch thread each):
 
-- CMA-ES: evomerge's SearchSession loop (ask, plan, evaluate, tell), as the evolve flow runs it;
-- random search: vectors drawn uniformly from [0, 1] per coordinate (every weight, density or t
-  between 0 and 1, the box a user would try by hand), through the same decode and evaluation.
+- CMA-ES (``--searcher cma-es``) and random search (``--searcher random``: vectors drawn
+  uniformly from [0, 1] per coordinate, every weight, density or t between 0 and 1, the box a
+  user would try by hand), both through evomerge's own search loop (``run_search_loop``, the one
+  the evolve flow runs) with the same decode and evaluation.
 
 Each run's best candidate (by the search's fitness, the validation tasks) is then scored on the
 config's ``held_out_tasks`` (never seen by either search). Candidates are merged in memory into a
@@ -46,47 +47,28 @@ def _worker_setup(config: str, task_paths: list[str], popsize: int, sigma0: floa
     WORKER = SlotWorker(spec, "bench", threads=1)
 
 
-def _held_out(session, record) -> float:
-    from evomerge.core.references import held_out_requests
-
-    (request,) = held_out_requests([record], session.spec.held_out_evaluation, {})
-    outcome = WORKER.run(request)
-    return session.record_outcome(request, outcome).score
-
-
 def run_one(job: tuple[str, int, int]) -> dict:
     """One search: ``(method, seed, budget)`` -> best search fitness, its held-out fitness, time."""
     from evomerge.backends.prepare import build_options, prepare_run
-    from evomerge.core.search_loop import plan_generation
+    from evomerge.search_loop import inline_runner, run_search_loop
     from evomerge.search_session import SearchSession
 
     method, seed, budget = job
     config, task_paths, popsize, sigma0 = SPEC_ARGS
     options = build_options(in_memory=True, popsize=popsize, sigma0=sigma0, seed=seed, max_fevals=budget,
-                            task_search_path=task_paths, save_final_model=False, baselines=False)
+                            searcher=method, task_search_path=task_paths, save_final_model=False,
+                            baselines=False, held_out_top=1)
     spec = prepare_run(config, tempfile.mkdtemp(prefix=f"bench-{method}-{seed}-"), options, check_task_names=False)
     session = SearchSession(spec)
     started = time.perf_counter()
-    if method == "cma-es":
-        while session.should_stop() is None:
-            plan = session.next_generation()
-            for request in plan.to_evaluate:
-                session.record_outcome(request, WORKER.run(request))
-            session.finish_generation(plan)
-    else:
-        rng = np.random.default_rng(seed)
-        generation = 0
-        while session.budget_left > 0:
-            vectors = rng.random((popsize, session.space.dimension))
-            plan = plan_generation(session.space, session.settings, generation, vectors,
-                                   frozenset(session.records), session.budget_left)
-            for request in plan.to_evaluate:
-                session.record_outcome(request, WORKER.run(request))
-            generation += 1
+    # The search's own loop; with held_out_tasks in the config it ends by scoring the best
+    # candidate on them.
+    run_search_loop(session, inline_runner(session, WORKER.run))
+    seconds = time.perf_counter() - started
     best = session.best
+    (held_out,) = [r for r in session.held_out.values() if r.search_key == best.key]
     return {"method": method, "seed": seed, "evaluations": session.evaluations, "search": best.score,
-            "held_out": _held_out(session, best), "seconds": time.perf_counter() - started,
-            "parameters": best.parameters}
+            "held_out": held_out.score, "seconds": seconds, "parameters": best.parameters}
 
 
 def uniform_held_out(_: int) -> float:

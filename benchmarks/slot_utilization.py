@@ -124,9 +124,9 @@ def sample_durations(
 
 
 def cma_default_popsize(dimension: int) -> int:
-    from evomerge.core.optimizer import CmaOptimizer
+    from evomerge.core.searcher import CmaEsSearcher
 
-    return CmaOptimizer(x0=[0.5] * dimension, sigma0=0.2, seed=0).popsize
+    return CmaEsSearcher(x0=[0.5] * dimension, sigma0=0.2, seed=0).popsize
 
 
 def simulate_table(args: argparse.Namespace) -> None:

@@ -1,10 +1,11 @@
 """``evomerge [OPTIONS] --storage-path PATH CONFIG``: a ``mergekit-evolve`` command line works by
 changing its first word.
 
-Order of work: validate everything (config, options, models, task names) -> start a private
-Prefect server unless PREFECT_API_URL is set -> run the ``evolve`` flow (which starts Ray) ->
-stop what was started. Ctrl-C or SIGTERM stops within seconds; every record already written and
-the best config stay; the same command continues the search.
+Order of work: validate everything (config, options, models, task names) -> launch a private
+Prefect server unless PREFECT_API_URL is set, and while it boots, Ray and the evaluation slots
+(they start concurrently: the server's address is known before it answers) -> run the ``evolve``
+flow -> stop what was started. Ctrl-C or SIGTERM stops within seconds; every record already
+written and the best config stay; the same command continues the search.
 """
 
 from __future__ import annotations
@@ -18,78 +19,100 @@ EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
 
-def _flag(name: str, default: bool, help: str, *aliases: str):
-    """A ``--x/--no-x`` flag, as upstream declares its boolean options."""
-    return click.option(f"--{name}/--no-{name}", *aliases, default=default, show_default=True, help=help)
+def _option_decorators():
+    """One click option per RunOptions field: name, type, default and help come from the field,
+    aliases and flag style from its ``cli(...)`` metadata (evomerge.core.options)."""
+    from typing import Literal, get_args, get_origin
+
+    from evomerge.core.options import RunOptions, option_defaults
+
+    defaults = option_defaults()
+    for name, field in RunOptions.model_fields.items():
+        meta = (field.json_schema_extra or {}).get("cli", {})
+        spelled = meta.get("name") or f"--{name.replace('_', '-')}"
+        aliases = meta.get("aliases", [])
+        kind = field.annotation
+        if get_origin(kind) not in (Literal, list):  # X | None -> X
+            kind = next(a for a in (get_args(kind) or (kind,)) if a is not type(None))
+        settings = {"default": defaults[name], "help": field.description, "show_default": defaults[name] is not None}
+        decls = [spelled, *aliases, name]
+        if kind is bool and meta.get("flag", "pair") == "pair":
+            decls[0] = f"{spelled}/--no-{spelled[2:]}"
+        elif kind is bool:
+            settings["is_flag"] = True
+        elif get_origin(kind) is Literal:
+            settings["type"] = click.Choice(list(get_args(kind)))
+        elif get_origin(kind) is list:
+            settings.update(multiple=True, show_default=False)
+            settings.pop("default")
+        else:
+            settings["type"] = kind
+        yield click.option(*decls, **settings)
+
+
+def _with_run_options(command):
+    for decorator in reversed(list(_option_decorators())):
+        command = decorator(command)
+    return command
 
 
 @click.command("evomerge", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--storage-path", required=True, help="Where records, checkpoints and the best config go (folder or s3://).")
-@click.option("--max-fevals", type=int, default=100, show_default=True, help="Evaluation budget.")
-@_flag("vllm", False, "Score with lm-eval's vllm backend.")
-@click.option("--strategy", "-s", type=click.Choice(["pool", "buffered", "serial"]), default="pool", show_default=True, help="Evaluation scheduling strategy.")
-@_flag("in-memory", False, "Merge in memory into a resident model.")
-@click.option("--num-gpus", type=int, default=None, help="GPU slots to use (default: every GPU of the cluster).")
-@_flag("merge-cuda", True, "Merge on the GPU when there is one.")
-@_flag("trust-remote-code", False, "Let transformers run code shipped with a model.")
-@_flag("allow-crimes", False, "Let mergekit merge unlike architectures.")
-@click.option("--seed", "--random-seed", "seed", type=int, default=0, show_default=True, help="Seed of the whole run.")
-@click.option("--batch-size", type=int, default=None, help="lm-eval batch size.")
-@click.option("--sigma0", type=float, default=1 / 6, show_default=True, help="Initial CMA-ES step size.")
-@click.option("--wandb/--no-wandb", "wandb", default=False, help="Log to Weights & Biases.")
-@click.option("--wandb-project", default=None, help="Weights & Biases project.")
-@click.option("--wandb-entity", default=None, help="Weights & Biases entity.")
-@click.option("--task-search-path", multiple=True, help="Folder of lm-eval task YAMLs (repeatable).")
-@click.option("--i-understand-the-depths-of-the-evils-i-am-unleashing", "allow_benchmark_tasks", is_flag=True, default=False, help="Allow public benchmarks as objectives.")
-@_flag("save-final-model", True, "Merge the best config into STORAGE_PATH/final_model at the end.")
-@_flag("reshard", True, "Accepted for compatibility; changes nothing (mergekit reads shards lazily).")
-@click.option("--timeout", type=float, default=None, help="Wall-time budget in seconds; no generation starts after it.")
-@click.option("--load-in-8bit", is_flag=True, default=False, help="Not available yet.")
-@click.option("--load-in-4bit", is_flag=True, default=False, help="Not available yet.")
-@click.option("--popsize", "--force-population-size", "popsize", type=int, default=None, help="CMA-ES population size.")
-@click.option("--ray-address", default=None, help="Existing Ray cluster (default: a private local one).")
-@click.option("--cpu-slots", type=int, default=None, help="Evaluation slots without GPUs (default: one per CPU).")
-@click.option("--max-failed-fraction", type=float, default=0.5, show_default=True, help="Stop when more of a generation fails.")
-@click.option("--slot-start-timeout", type=float, default=600.0, show_default=True, help="Seconds Ray may take to place and start the slots.")
-@click.option("--candidate-timeout", type=float, default=3600.0, show_default=True, help="Seconds a candidate may take before it is failed and its worker restarted.")
-@click.option("--generations-per-run", type=int, default=None, help="Stop cleanly after this many generations; the same command continues.")
-@click.option("--worker-retries", type=int, default=2, show_default=True, help="Retries of a candidate whose worker process died.")
-@_flag("baselines", True, "Score each parent and the uniform merge before the search (not counted in --max-fevals).")
-@click.option("--held-out-top", type=int, default=3, show_default=True, help="With held_out_tasks: how many of the best candidates are scored on them at the end.")
+@_with_run_options
 def main(config: str, storage_path: str, **values) -> None:
     """Search the best merge of the models in CONFIG (a mergekit-evolve YAML file)."""
-    from evomerge.backends.prepare import ConfigurationError, build_options, prepare_run
+    from evomerge import stop_request
+    from evomerge.backends.prepare import ConfigurationError, build_options, prepare_run, with_checked_tasks
     from evomerge.backends.run_lease import LeaseHeldError, RunLease
     from evomerge.backends.run_store import RunStore, StorageError
     from evomerge.core.checkpoint import CorruptStateError
-    from evomerge import stop_request
-    from evomerge.search_session import RunStoppedError, StorageMismatchError, check_storage_path
+    from evomerge.core.options import options_from_parameters
+    from evomerge.run_manifest import StorageMismatchError, check_storage_path
+    from evomerge.search_session import RunStoppedError
 
-    values["task_search_path"] = list(values["task_search_path"])
     try:
-        options = build_options(**values)
-        spec = prepare_run(config, storage_path, options)
+        options = build_options(**options_from_parameters(values))
+        # Everything but the task names (lm-eval's import and task index): checked below, while
+        # the Prefect server boots.
+        spec = prepare_run(config, storage_path, options, check_task_names=False)
         check_storage_path(spec)
         RunLease(RunStore(spec.storage_path)).check_free()
     except (ConfigurationError, StorageMismatchError, LeaseHeldError) as exc:
-        click.echo(f"evomerge: error: {exc}", err=True)
-        sys.exit(EXIT_BAD_INPUT)
+        _refuse(exc)
 
-    server = None
     stop_request.install()
     _show_library_logs()
-    try:
-        if not os.environ.get("PREFECT_API_URL"):
-            from evomerge.backends.prefect_server import start_prefect_server
+    server = None
+    if not os.environ.get("PREFECT_API_URL"):
+        from evomerge.backends.prefect_server import launch_prefect_server, wait_until_ready
 
-            click.echo("evomerge: starting a private Prefect server on 127.0.0.1 ...")
-            server = start_prefect_server()
+        server = launch_prefect_server()
+        # Set before Prefect is first imported (it reads the URL then) and before Ray starts
+        # (its workers get it): the address is known before the server answers.
+        os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        spec = with_checked_tasks(spec)
+    except ConfigurationError as exc:
+        if server is not None:
+            server.stop()
+        _refuse(exc)
+    from evomerge.backends.slot_pool import launch_early, slot_pool
+
+    try:
+        click.echo("evomerge: starting a private Prefect server on 127.0.0.1, Ray and the evaluation slots ..."
+                   if server is not None else f"evomerge: using the Prefect server at {os.environ['PREFECT_API_URL']}")
+        launch_early(spec)  # Ray and the slot actors start while the server boots
+        # Imported only now: Prefect reads PREFECT_API_URL when it is first imported.
+        from evomerge.flows.evolve import evolve
+
+        if server is not None:
+            server = wait_until_ready(server)
             os.environ["PREFECT_API_URL"] = server.api_url
             click.echo(f"evomerge: Prefect UI at {server.ui_url} (open while the run lasts)")
-        else:
-            click.echo(f"evomerge: using the Prefect server at {os.environ['PREFECT_API_URL']}")
-        summary = _run(os.path.abspath(config), spec)
+        # The flow validates again, as a deployment run would; it runs in this directory, so
+        # relative model paths resolve the same way.
+        summary = evolve(config=os.path.abspath(config), storage_path=spec.storage_path, **spec.options.model_dump())
     except KeyboardInterrupt:
         _report_interrupted(spec.storage_path)
     except (RunStoppedError, StorageMismatchError, ConfigurationError, LeaseHeldError,
@@ -104,19 +127,18 @@ def main(config: str, storage_path: str, **values) -> None:
             _report_interrupted(spec.storage_path)
         raise
     finally:
+        with slot_pool(spec):  # the early launch, if the flow never took it: stopped here
+            pass
         if server is not None:
             _flush_prefect_logs()
             server.stop()
     _print_summary(summary)
 
 
-def _run(config_path: str, spec):
-    # Imported only now: Prefect reads PREFECT_API_URL when it is first imported and configured.
-    # The flow validates again, as a deployment run would; it runs in this directory, so
-    # relative model paths resolve the same way.
-    from flows.evolve import evolve
-
-    return evolve(config=config_path, storage_path=spec.storage_path, **spec.options.model_dump())
+def _refuse(exc: Exception) -> None:
+    """Bad input, found before any work: the message, and exit status 2."""
+    click.echo(f"evomerge: error: {exc}", err=True)
+    sys.exit(EXIT_BAD_INPUT)
 
 
 def _show_library_logs() -> None:

@@ -6,6 +6,7 @@ import os
 import tempfile
 
 from evomerge.backends.merger_disk import DiskMerger
+from evomerge.core.storage_layout import FINAL_MODEL, FINAL_MODEL_MARKER
 from evomerge.search_session import SearchSession
 
 
@@ -16,11 +17,11 @@ def save_final_model(session: SearchSession) -> str | None:
     if best is None:
         return None
     store = session.store
-    marker = store.read_json("final_model.json")
+    marker = store.read_json(FINAL_MODEL_MARKER)
     if marker is not None and marker.get("key") == best.key:
-        return store.path("final_model")
+        return store.path(FINAL_MODEL)
     merger = DiskMerger(session.spec.options, use_cuda=False)
-    target = store.local_path("final_model")
+    target = store.local_path(FINAL_MODEL)
     if target is not None:
         merger.merge(best.merge_config, target)
     else:
@@ -29,6 +30,6 @@ def save_final_model(session: SearchSession) -> str | None:
             for root, _, files in os.walk(tmp):
                 for name in files:
                     local = os.path.join(root, name)
-                    store.put_file(local, f"final_model/{os.path.relpath(local, tmp)}")
-    store.write_json("final_model.json", {"key": best.key, "score": best.score})
-    return store.path("final_model")
+                    store.put_file(local, f"{FINAL_MODEL}/{os.path.relpath(local, tmp)}")
+    store.write_json(FINAL_MODEL_MARKER, {"key": best.key, "score": best.score})
+    return store.path(FINAL_MODEL)

@@ -22,6 +22,7 @@ from evomerge.backends.report_plot import fitness_plot_png
 from evomerge.backends.run_store import RunStore, StorageError
 from evomerge.core.config import EvolveConfig
 from evomerge.core.run_report import comparison_for, comparison_markdown
+from evomerge.core.storage_layout import BASELINES, CANDIDATES, HELD_OUT, REPORT_MARKDOWN, REPORT_PLOT, RUN_MANIFEST
 
 
 @click.command("report", context_settings={"help_option_names": ["-h", "--help"]})
@@ -39,24 +40,24 @@ def report(storage_path: str, top: int | None) -> None:
 
 def write_report(storage_path: str, top: int | None = None) -> str:
     store = RunStore(normalize_storage_path(storage_path))
-    manifest = store.read_json("run.json")
+    manifest = store.read_json(RUN_MANIFEST)
     if manifest is None:
         raise StorageError(
-            f"{store.path('run.json')} does not exist: {storage_path} holds no evomerge search. "
+            f"{store.path(RUN_MANIFEST)} does not exist: {storage_path} holds no evomerge search. "
             "Give the --storage-path of a run"
         )
     config = EvolveConfig.model_validate(manifest["config"])
     top = top or manifest.get("options", {}).get("held_out_top") or 3
-    records = store.read_records()
-    baselines = store.read_records(folder="baselines")
-    held_out = store.read_records(folder="held_out")
+    records = store.read_records(folder=CANDIDATES)
+    baselines = store.read_records(folder=BASELINES)
+    held_out = store.read_records(folder=HELD_OUT)
     rows = comparison_for(records, baselines, held_out, config, top)
-    store.write_bytes("report.png", fitness_plot_png(records.values(), baselines.values()))
+    store.write_bytes(REPORT_PLOT, fitness_plot_png(records.values(), baselines.values()))
     failed = sum(r.status == "failed" for r in records.values())
     markdown = (
         comparison_markdown(rows, config.tasks, config.held_out_tasks)
         + f"\n{len(records)} candidates evaluated ({failed} failed). Fitness plot: "
-        f"{store.path('report.png')}\n"
+        f"{store.path(REPORT_PLOT)}\n"
     )
-    store.write_text("report.md", markdown)
+    store.write_text(REPORT_MARKDOWN, markdown)
     return markdown

@@ -1,10 +1,15 @@
-"""SearchSession: the state of one search on one storage path, between the flow and the store.
+"""SearchSession: one search on one storage path, between the loop and the store.
 
-The evolve flow owns the loop; this object holds what the loop needs (the optimizer, the records,
-the budget) and writes the outputs. It keeps nothing the store cannot rebuild: started again on
-the same storage path with the same settings, it rebuilds CMA-ES from the generation checkpoints
-(replayed through the seeded optimizer and checked against them bit for bit; no pickle), replays
-any generation whose records outlived its checkpoint, and continues where the store ends.
+A coordinator: the searcher proposes (``core.searcher``), batches are planned
+(``core.batch_plan``), outcomes become records (``core.records``), the stopping rules decide
+(``core.stopping``), ``summary.json`` is assembled (``core.run_summary``), the storage path's
+manifest is checked (``run_manifest``) and a resumed searcher replays the checkpoints
+(``resume``). It keeps nothing the store cannot rebuild: started again on the same storage path
+with the same settings, it replays the checkpoints, tells again any step whose records outlived
+its checkpoint, and continues where the store ends.
+
+Results are told to the searcher one at a time, as they are recorded; the searcher's step (for
+CMA-ES, a whole generation) is checkpointed the moment it completes.
 """
 
 from __future__ import annotations
@@ -15,31 +20,25 @@ import uuid
 from typing import Any
 
 import numpy as np
-import yaml
 
+from evomerge.backends.merge_config_yaml import best_config_yaml
 from evomerge.backends.run_store import RunStore
-from evomerge.core.checkpoint import (
-    CHECKPOINT_FORMAT_VERSION,
-    CorruptStateError,
-    GenerationCheckpoint,
-    checkpoint_name,
-    parse_checkpoint,
-)
-from evomerge.core.fitness import MissingMetricError, NonFiniteMetricError, too_many_failures, weighted_score
-from evomerge.core.optimizer import CmaOptimizer
+from evomerge.core.batch_plan import BatchPlan, best_record, plan_batch
+from evomerge.core.checkpoint import GenerationCheckpoint
+from evomerge.core.fitness import MissingMetricError, too_many_failures
 from evomerge.core.records import CandidateRecord, CandidateRequest, EvaluationOutcome
 from evomerge.core.references import baseline_requests, held_out_requests, top_candidates
 from evomerge.core.run_report import ComparisonRow, comparison_for, comparison_summary
 from evomerge.core.run_spec import RunSpec
-from evomerge.core.search_loop import GenerationPlan, best_record, plan_generation
+from evomerge.core.run_summary import run_summary
+from evomerge.core.searcher import CmaEsSearcher, RandomSearcher, SearchStep, Searcher
+from evomerge.core.stopping import IDLE_GENERATIONS_LIMIT, SearchProgress, StoppingRules
+from evomerge.core.storage_layout import BASELINES, BEST_CONFIG, CANDIDATES, HELD_OUT, SUMMARY, checkpoint_name
 from evomerge.failpoints import failpoint
+from evomerge.resume import replay_checkpoints
+from evomerge.run_manifest import ensure_manifest
 
 log = logging.getLogger("evomerge")
-
-# CMA-ES can settle where every vector it asks decodes to a merge already evaluated (e.g. slerp
-# t values past the clipping bounds): such generations spend no budget, so without this limit the
-# loop would run (and write checkpoints) until pycma's step size turns into NaN.
-IDLE_GENERATIONS_LIMIT = 10
 
 
 class RunStoppedError(RuntimeError):
@@ -47,13 +46,20 @@ class RunStoppedError(RuntimeError):
     generation in which most candidates failed)."""
 
 
-class StorageMismatchError(RuntimeError):
-    pass
+def make_searcher(spec: RunSpec) -> Searcher:
+    space = spec.search_space()
+    options = spec.options
+    if options.searcher == "random":
+        # Every weight, density and t between 0 and 1: the box a user would try by hand.
+        return RandomSearcher(np.zeros(space.dimension), np.ones(space.dimension), options.seed, spec.popsize())
+    rng = np.random.default_rng(options.seed)
+    x0 = space.initial_point(rng if spec.config.random_init else None)
+    return CmaEsSearcher(x0, options.sigma0, options.seed, options.popsize)
 
 
 class SearchSession:
-    # Sessions of this process by id. The generation subflow runs in the evolve flow's process
-    # and finds its session here: passed as a flow parameter, the session (records, optimizer,
+    # Sessions of this process by id. The batch subflow runs in the evolve flow's process and
+    # finds its session here: passed as a flow parameter, the session (records, searcher,
     # storage client) would be serialized into every task's context by Prefect.
     _active: dict[str, SearchSession] = {}
 
@@ -64,77 +70,26 @@ class SearchSession:
         self.store = store or RunStore(spec.storage_path)
         self.space = spec.search_space()
         self.settings = spec.evaluation
-        self._check_or_write_manifest()
-        rng = np.random.default_rng(spec.options.seed)
-        x0 = self.space.initial_point(rng if spec.config.random_init else None)
-        self.optimizer = CmaOptimizer(x0, spec.options.sigma0, spec.options.seed, spec.options.popsize)
+        ensure_manifest(spec, self.store)
+        self.searcher = make_searcher(spec)
+        self.rules = StoppingRules(spec.options.max_fevals, spec.options.timeout, spec.options.generations_per_run)
         # What resume had to work around (unreadable files), for the flow to show.
         self.restore_notes: list[str] = []
-        self.records: dict[str, CandidateRecord] = self.store.read_records(on_unreadable=self.restore_notes.append)
-        # Not CMA-ES candidates: parents and the uniform merge, and held-out scores.
-        self.baselines = self.store.read_records(self.restore_notes.append, folder="baselines")
-        self.held_out = self.store.read_records(self.restore_notes.append, folder="held_out")
+        self.records = self.store.read_records(self.restore_notes.append, folder=CANDIDATES)
+        # Not searcher candidates: parents and the uniform merge, and held-out scores.
+        self.baselines = self.store.read_records(self.restore_notes.append, folder=BASELINES)
+        self.held_out = self.store.read_records(self.restore_notes.append, folder=HELD_OUT)
+        self.progress = SearchProgress(evaluations=len(self.records))
         self.started = time.monotonic()
         self.finished_reason: str | None = None
-        self.generations_this_run = 0  # generations that evaluated something in this run
-        self.evaluated_this_run = 0
         self.paused = False  # stopped by --generations-per-run: the search itself goes on later
         self._best = best_record(self.records)
-        self._pending: GenerationPlan | None = None
-        self.idle_generations = 0  # consecutive generations that asked nothing new
-        self.generations_done = self._restore_checkpoints()
-        self._replay_recorded_generations()
-
-    def _restore_checkpoints(self) -> int:
-        """Tell the optimizer every checkpointed generation again; returns how many.
-
-        Stops at the first missing or unreadable checkpoint: the generations after it are
-        replayed from their records (and their checkpoints written again).
-        """
-        fingerprint = self.spec.fingerprint()
-        generation = 0
-        while (text := self.store.read_text(checkpoint_name(generation))) is not None:
-            where = self.store.path(checkpoint_name(generation))
-            try:
-                checkpoint = parse_checkpoint(text, where, fingerprint, generation)
-            except CorruptStateError as exc:
-                self.restore_notes.append(
-                    f"{exc}; resuming from the last good checkpoint "
-                    f"({'none' if generation == 0 else f'generation {generation - 1}'}) "
-                    "and the records written after it"
-                )
-                break
-            vectors = self.optimizer.ask()
-            if not np.array_equal(vectors, np.asarray(checkpoint.vectors)):
-                raise CorruptStateError(
-                    f"{where}: CMA-ES with this seed asks other vectors than the checkpoint "
-                    "recorded, so the files were written by another pycma or evomerge version. "
-                    "Continue with the version that wrote them, or use a new --storage-path"
-                )
-            self.optimizer.tell(vectors, checkpoint.scores_told)
-            self._count_idle(generation, checkpoint.keys)
-            if self.optimizer.sigma != checkpoint.sigma_after or not np.array_equal(
-                self.optimizer.mean, np.asarray(checkpoint.mean_after)
-            ):
-                raise CorruptStateError(
-                    f"{where}: replaying it does not reproduce the recorded CMA-ES state "
-                    "(another pycma or numpy version?). Continue with the versions that wrote "
-                    "it, or use a new --storage-path"
-                )
-            generation += 1
-        return generation
-
-    def _replay_recorded_generations(self) -> None:
-        """Tell the generations after the last checkpoint whose candidates all have records (a
-        kill between a generation's last record and its checkpoint, or a damaged checkpoint),
-        writing their checkpoints again; the first generation that needs evaluating waits as
-        the next one."""
-        while self.idle_generations < IDLE_GENERATIONS_LIMIT:  # a converged search asks no more
-            plan = self._plan(self.optimizer.ask())
-            if plan.to_evaluate or not plan.complete:
-                self._pending = plan
-                return
-            self.finish_generation(plan)
+        self._open: BatchPlan | None = None  # the batch whose results are being told
+        self._untold: dict[str, list[int]] = {}  # key -> ids of the open batch still waiting for it
+        self._pending: BatchPlan | None = None  # opened while resuming, handed out next
+        for checkpoint in replay_checkpoints(self.searcher, self.store, spec.fingerprint(), self.restore_notes.append):
+            self._count_step(checkpoint.generation, checkpoint.keys, evaluated_here=False)
+        self._replay_recorded_batches()
 
     @classmethod
     def active(cls, session_id: str) -> SearchSession:
@@ -143,66 +98,165 @@ class SearchSession:
     def close(self) -> None:
         SearchSession._active.pop(self.id, None)
 
+    # --- counters ---------------------------------------------------------------------------
     @property
     def elapsed_seconds(self) -> float:
         return time.monotonic() - self.started
 
-    # --- budget ----------------------------------------------------------------------------
     @property
     def evaluations(self) -> int:
-        return len(self.records)
+        return self.progress.evaluations
 
     @property
     def budget_left(self) -> int:
-        return max(0, self.spec.options.max_fevals - self.evaluations)
+        return self.rules.budget_left(self.progress)
 
-    def _count_idle(self, generation: int, keys) -> None:
-        """A generation is idle when none of its merges was first evaluated in it (derived from
-        the records, so a resumed run counts the same)."""
-        fresh = any((r := self.records.get(k)) is not None and r.generation == generation for k in keys)
-        self.idle_generations = 0 if fresh else self.idle_generations + 1
+    @property
+    def generations_done(self) -> int:
+        return self.progress.generations_done
+
+    @property
+    def evaluated_this_run(self) -> int:
+        return self.progress.evaluated_this_run
 
     @property
     def search_finished(self) -> bool:
         """The search itself is over (budget spent, or converged), not just this run."""
-        return self.budget_left == 0 or self.idle_generations >= IDLE_GENERATIONS_LIMIT
+        return self.rules.search_finished(self.progress)
 
     def should_stop(self) -> str | None:
         if self.finished_reason:
             return self.finished_reason
-        if self.idle_generations >= IDLE_GENERATIONS_LIMIT:
-            return (
-                f"search converged: the last {self.idle_generations} generations asked only merges "
-                f"already evaluated ({self.budget_left} of the budget left unspent)"
-            )
-        if self.budget_left == 0:
-            return f"evaluation budget spent ({self.evaluations} of {self.spec.options.max_fevals})"
-        timeout = self.spec.options.timeout
-        if timeout is not None and time.monotonic() - self.started > timeout:
-            return f"time budget of this run spent ({timeout:.0f} s)"
-        per_run = self.spec.options.generations_per_run
-        if per_run is not None and self.generations_this_run >= per_run:
-            self.paused = True
-            return f"generation budget of this run spent ({per_run}); run again to continue"
-        return None
+        decision = self.rules.decide(self.progress, self.elapsed_seconds)
+        if decision is None:
+            return None
+        self.paused = decision.paused
+        return decision.reason
 
-    # --- one generation --------------------------------------------------------------------
-    def next_generation(self) -> GenerationPlan:
+    def _count_step(self, generation: int, keys, evaluated_here: bool) -> None:
+        """A step is idle when none of its merges was first evaluated in it (derived from the
+        records, so a resumed run counts the same)."""
+        fresh = any((r := self.records.get(k)) is not None and r.generation == generation for k in keys)
+        self.progress.idle_generations = 0 if fresh else self.progress.idle_generations + 1
+        self.progress.generations_done += 1
+        self.progress.generations_this_run += evaluated_here
+
+    # --- batches ----------------------------------------------------------------------------
+    def _replay_recorded_batches(self) -> None:
+        """Tell the steps after the last checkpoint whose candidates all have records (a kill
+        between a step's last record and its checkpoint, or a damaged checkpoint), writing their
+        checkpoints again; the first batch that needs evaluating waits as the next one."""
+        while self.progress.idle_generations < IDLE_GENERATIONS_LIMIT:  # a converged search asks no more
+            plan = self._open_batch()
+            if plan.to_evaluate or not plan.complete:
+                self._pending = plan
+                return
+            self.finish_batch(plan)
+
+    def next_batch(self) -> BatchPlan:
         if self._pending is not None:
             plan, self._pending = self._pending, None
             return plan
-        return self._plan(self.optimizer.ask())
+        return self._open_batch()
 
-    def _plan(self, vectors: np.ndarray) -> GenerationPlan:
-        if not np.all(np.isfinite(vectors)):
+    def _open_batch(self) -> BatchPlan:
+        """Ask the searcher, plan the batch, and tell at once what the records already know."""
+        suggestions = self.searcher.ask()
+        if not suggestions:
+            raise RuntimeError(f"the {self.searcher.name} searcher asked nothing while no batch was open")
+        if not all(np.all(np.isfinite(s.vector)) for s in suggestions):
             raise RunStoppedError(
-                f"CMA-ES asked a vector with NaN or infinity in generation {self.optimizer.generation} "
-                "(its state degenerated); the records and the best config so far are kept"
+                f"the {self.searcher.name} searcher asked a vector with NaN or infinity in generation "
+                f"{suggestions[0].generation} (its state degenerated); the records and the best config "
+                "so far are kept"
             )
-        return plan_generation(
-            self.space, self.settings, self.optimizer.generation, vectors,
-            frozenset(self.records), self.budget_left,
-        )
+        plan = plan_batch(self.space, self.settings, suggestions, self.records, self.budget_left)
+        self._open, self._untold = plan, {}
+        for key, ids in plan.suggestion_ids_by_key().items():
+            if key in self.records:
+                for suggestion_id in ids:
+                    self._tell(suggestion_id, self.records[key])
+            else:
+                self._untold[key] = ids
+        return plan
+
+    def _tell(self, suggestion_id: int, record: CandidateRecord) -> None:
+        step = self.searcher.tell(suggestion_id, record.score if record.status == "ok" else None)
+        if step is not None:
+            self._step_completed(step)
+
+    def _step_completed(self, step: SearchStep) -> None:
+        plan = self._open
+        assert plan is not None and plan.generation == step.generation
+        self._count_step(step.generation, plan.keys, evaluated_here=bool(plan.to_evaluate))
+        failpoint("after-tell")
+        self.write_checkpoint(step, plan.keys)
+        failpoint("after-checkpoint")
+
+    def finish_batch(self, plan: BatchPlan) -> None:
+        """After a batch's evaluations: the summary, and the stops a batch can cause (its budget
+        ran out inside it, or most of its candidates failed)."""
+        self._open = None
+        if not plan.complete or self._untold:
+            self.finished_reason = (
+                f"evaluation budget spent inside generation {plan.generation} "
+                f"({self.evaluations} of {self.spec.options.max_fevals})"
+            )
+            self.write_summary()
+            return
+        self.write_summary()
+        new = [self.records[r.key] for r in plan.to_evaluate]
+        failed = [r for r in new if r.status == "failed"]
+        if too_many_failures(len(failed), len(new), self.spec.options.max_failed_fraction):
+            errors = "\n".join(f"  candidate {r.generation}.{r.index}: {r.error}" for r in failed)
+            self.finished_reason = "too many failures"
+            raise RunStoppedError(
+                f"{len(failed)} of {len(new)} candidates of generation {plan.generation} failed "
+                f"(more than {self.spec.options.max_failed_fraction:.0%}); stopping. Errors:\n{errors}"
+            )
+
+    # --- results ----------------------------------------------------------------------------
+    def record_outcome(
+        self, request: CandidateRequest, outcome: EvaluationOutcome, round_trip: float = 0.0
+    ) -> CandidateRecord:
+        """Store a result at once (a crash later loses nothing of it) and tell the searcher.
+
+        A metric that no task produces fails every candidate alike: a configuration error that
+        stops the run at the first evaluation instead of spending a generation on it."""
+        try:
+            record = CandidateRecord.from_outcome(
+                request, outcome, self.spec.evaluation_for(request.held_out).tasks,
+                self.space.named_parameters(np.array(request.vector)) if request.vector else {},
+                round_trip, time.time(),
+            )
+        except MissingMetricError as exc:
+            raise RunStoppedError(f"stopping at the first evaluation: {exc}") from exc
+        if request.kind != "candidate" or request.held_out:
+            return self._record_reference(record)
+        self.store.write_record(record)
+        self.progress.evaluations += 1
+        self.progress.evaluated_this_run += 1
+        log.info("candidate %d.%d %s recorded: %s", record.generation, record.index, record.key,
+                 f"fitness {record.score:.6f}" if record.status == "ok" else f"failed ({record.error})")
+        failpoint("after-record")
+        self.records[record.key] = record
+        if record.status == "ok" and (self._best is None or record.score > self._best.score):
+            self._best = record
+            self.store.write_text(BEST_CONFIG, best_config_yaml(record))
+        for suggestion_id in self._untold.pop(record.key, []):
+            self._tell(suggestion_id, record)
+        return record
+
+    def _record_reference(self, record: CandidateRecord) -> CandidateRecord:
+        """A baseline or a held-out score: kept apart from the search (never told to the
+        searcher, never counted in the budget, never the best config)."""
+        folder, found = (HELD_OUT, self.held_out) if record.held_out else (BASELINES, self.baselines)
+        self.store.write_record(record, folder=folder)
+        what = f"baseline: {record.label}" if record.kind == "baseline" else f"candidate {record.generation}.{record.index}"
+        log.info("%s%s %s recorded: %s", "held out: " if record.held_out else "", what, record.key,
+                 f"fitness {record.score:.6f}" if record.status == "ok" else f"failed ({record.error})")
+        found[record.key] = record
+        return record
 
     # --- baselines and held-out scores -------------------------------------------------------
     def baseline_requests(self) -> list[CandidateRequest]:
@@ -224,204 +278,36 @@ class SearchSession:
         return comparison_for(self.records, self.baselines, self.held_out, self.spec.config,
                               self.spec.options.held_out_top)
 
-    def record_outcome(
-        self, request: CandidateRequest, outcome: EvaluationOutcome, round_trip: float = 0.0
-    ) -> CandidateRecord:
-        """Store a result at once (a crash later loses nothing of it)."""
-        if outcome.fatal:
-            raise RunStoppedError(f"stopping at the first evaluation: {outcome.error}")
-        tasks = self.spec.evaluation_for(request.held_out).tasks
-        score, status, error = None, outcome.status, outcome.error
-        if status == "ok":
-            try:
-                score = weighted_score(outcome.metrics, tasks)
-            except MissingMetricError as exc:
-                raise RunStoppedError(f"stopping at the first evaluation: {exc}") from exc
-            except NonFiniteMetricError as exc:
-                status, error = "failed", str(exc)
-        record = CandidateRecord(
-            key=request.key,
-            generation=request.generation,
-            index=request.index,
-            vector=request.vector,
-            parameters=self.space.named_parameters(np.array(request.vector)) if request.vector else {},
-            merge_config=request.merge_config,
-            status=status,
-            metrics=outcome.metrics,
-            score=score,
-            error=error,
-            timings=outcome.timings.model_copy(update={"round_trip": round_trip}),
-            node=outcome.node,
-            slot=outcome.slot,
-            merge_node_id=outcome.merge_node_id,
-            eval_node_id=outcome.eval_node_id,
-            attempts=outcome.attempts,
-            worker_deaths=outcome.worker_deaths,
-            finished_at=time.time(),
-            kind=request.kind,
-            label=request.label,
-            held_out=request.held_out,
-            search_key=request.search_key,
-            item_scores=outcome.item_scores,
-        )
-        if request.kind != "candidate" or request.held_out:
-            return self._record_reference(record)
-        self.store.write_record(record)
-        self.evaluated_this_run += 1
-        log.info("candidate %d.%d %s recorded: %s", record.generation, record.index, record.key,
-                 f"fitness {score:.6f}" if status == "ok" else f"failed ({error})")
-        failpoint("after-record")
-        self.records[record.key] = record
-        if record.status == "ok" and (self._best is None or score > self._best.score):
-            self._best = record
-            self.write_best_config()
-        self.write_summary()
-        return record
-
-    def _record_reference(self, record: CandidateRecord) -> CandidateRecord:
-        """A baseline or a held-out score: kept apart from the search (never told to CMA-ES,
-        never counted in the budget, never the best config)."""
-        folder, found = ("held_out", self.held_out) if record.held_out else ("baselines", self.baselines)
-        self.store.write_record(record, folder=folder)
-        what = f"baseline: {record.label}" if record.kind == "baseline" else f"candidate {record.generation}.{record.index}"
-        log.info("%s%s %s recorded: %s", "held out: " if record.held_out else "", what, record.key,
-                 f"fitness {record.score:.6f}" if record.status == "ok" else f"failed ({record.error})")
-        found[record.key] = record
-        self.write_summary()
-        return record
-
-    def finish_generation(self, plan: GenerationPlan) -> None:
-        """Tell CMA-ES (when the whole generation has records) and log the generation."""
-        missing = [k for k in dict.fromkeys(plan.keys) if k not in self.records]
-        if not plan.complete or missing:
-            self.finished_reason = (
-                f"evaluation budget spent inside generation {plan.generation} "
-                f"({self.evaluations} of {self.spec.options.max_fevals})"
-            )
-            self.write_summary()
-            return
-        new = [self.records[r.key] for r in plan.to_evaluate]
-        failed = [r for r in new if r.status == "failed"]
-        scores = plan.scores(self.records)
-        self.optimizer.tell(plan.vectors, scores)
-        self._count_idle(plan.generation, plan.keys)
-        failpoint("after-tell")
-        self.generations_done += 1
-        self.generations_this_run += bool(plan.to_evaluate)
-        self.write_checkpoint(plan, scores)
-        failpoint("after-checkpoint")
-        self.write_summary()
-        if too_many_failures(len(failed), len(new), self.spec.options.max_failed_fraction):
-            errors = "\n".join(f"  candidate {r.generation}.{r.index}: {r.error}" for r in failed)
-            self.finished_reason = "too many failures"
-            raise RunStoppedError(
-                f"{len(failed)} of {len(new)} candidates of generation {plan.generation} failed "
-                f"(more than {self.spec.options.max_failed_fraction:.0%}); stopping. Errors:\n{errors}"
-            )
-
-    def write_checkpoint(self, plan: GenerationPlan, scores: list[float]) -> GenerationCheckpoint:
-        checkpoint = GenerationCheckpoint(
-            format_version=CHECKPOINT_FORMAT_VERSION,
-            fingerprint=self.spec.fingerprint(),
-            generation=plan.generation,
-            keys=list(plan.keys),
-            vectors=plan.vectors.tolist(),
-            scores_told=scores,
-            sigma_after=self.optimizer.sigma,
-            mean_after=self.optimizer.mean.tolist(),
-            evaluations=self.evaluations,
-            best_key=self._best.key if self._best else None,
-            written_at=time.time(),
-        )
-        self.store.write_text(
-            checkpoint_name(plan.generation),
-            checkpoint.model_dump_json(indent=2) + "\n",
-            failpoint_name="checkpoint-write",
-        )
-        return checkpoint
-
-    # --- outputs ---------------------------------------------------------------------------
+    # --- outputs ----------------------------------------------------------------------------
     @property
     def best(self) -> CandidateRecord | None:
         return self._best
 
-    def write_best_config(self) -> None:
-        if self._best is not None:
-            self.store.write_text("best_config.yaml", best_config_yaml(self._best))
+    def write_checkpoint(self, step: SearchStep, keys) -> GenerationCheckpoint:
+        checkpoint = GenerationCheckpoint.of_step(
+            step, searcher=self.searcher.name, fingerprint=self.spec.fingerprint(), keys=list(keys),
+            evaluations=self.evaluations, best_key=self._best.key if self._best else None,
+            written_at=time.time(),
+        )
+        self.store.write_text(checkpoint_name(step.generation), checkpoint.model_dump_json(indent=2) + "\n",
+                              failpoint_name="checkpoint-write")
+        return checkpoint
 
     def summary(self) -> dict[str, Any]:
-        best = self._best
-        ok = [r for r in self.records.values() if r.status == "ok"]
-        timings = {
-            part: float(np.mean([getattr(r.timings, part) for r in ok])) if ok else None
-            for part in ("merge", "load", "evaluate", "total", "round_trip")
-        }
-        return {
-            "storage_path": self.spec.storage_path,
-            "fingerprint": self.spec.fingerprint(),
-            "evaluations": self.evaluations,
-            "max_fevals": self.spec.options.max_fevals,
-            "failed_evaluations": sum(r.status == "failed" for r in self.records.values()),
-            "generations": self.generations_done,
-            "popsize": self.optimizer.popsize,
-            "dimension": self.space.dimension,
-            "best_fitness": best.score if best else None,
-            "best_key": best.key if best else None,
-            "best_generation": best.generation if best else None,
-            "best_metrics": {
-                t.name: {t.metric: best.metrics.get(t.name, {}).get(t.metric)}
-                for t in self.spec.config.tasks
-            } if best else None,
-            "best_parameters": best.parameters if best else None,
-            "mean_seconds_per_candidate": timings,
-            "finished_reason": self.finished_reason,
-            "paused": self.paused,
-            "elapsed_seconds": self.elapsed_seconds,
-            "comparison": comparison_summary(self.comparison(), self.spec.config.held_out_tasks),
-        }
+        return run_summary(
+            storage_path=self.spec.storage_path, fingerprint=self.spec.fingerprint(),
+            max_fevals=self.spec.options.max_fevals, popsize=self.searcher.popsize,
+            dimension=self.space.dimension, tasks=self.spec.config.tasks, records=self.records,
+            best=self._best, progress=self.progress, finished_reason=self.finished_reason,
+            paused=self.paused, elapsed_seconds=self.elapsed_seconds,
+            comparison=comparison_summary(self.comparison(), self.spec.config.held_out_tasks),
+        )
 
     def write_summary(self) -> None:
-        self.store.write_json("summary.json", self.summary())
+        self.store.write_json(SUMMARY, self.summary())
 
-    # --- storage path ownership ------------------------------------------------------------
-    def _check_or_write_manifest(self) -> None:
-        fingerprint = self.spec.fingerprint()
-        if not check_storage_path(self.spec, self.store):
-            self.store.write_json(
-                "run.json",
-                {
-                    "fingerprint": fingerprint,
-                    "config": self.spec.config.model_dump(mode="json"),
-                    "options": self.spec.options.model_dump(mode="json"),
-                    "models": self.spec.models.model_dump(mode="json"),
-                    "dimension": self.space.dimension,
-                    "parameter_labels": self.space.labels(),
-                    "created_at": time.time(),
-                },
-            )
-
-
-def check_storage_path(spec: RunSpec, store: RunStore | None = None) -> bool:
-    """Whether the storage path already holds this search; raises if it holds another one."""
-    store = store or RunStore(spec.storage_path)
-    manifest = store.read_json("run.json")
-    if manifest is None:
-        return False
-    fingerprint = spec.fingerprint()
-    if manifest.get("fingerprint") != fingerprint:
-        raise StorageMismatchError(
-            f"storage path {spec.storage_path} holds another search (fingerprint "
-            f"{manifest.get('fingerprint')}, this one {fingerprint}): the config, seed, "
-            "sigma0 or popsize differ. Use a new --storage-path, or the original settings "
-            "to continue that search"
-        )
-    return True
-
-
-def best_config_yaml(record: CandidateRecord) -> str:
-    header = (
-        f"# evomerge best merge: fitness {record.score:.6f} "
-        f"(generation {record.generation}, candidate {record.index}, key {record.key})\n"
-        "# merge it with: mergekit-yaml best_config.yaml OUTPUT_FOLDER\n"
-    )
-    return header + yaml.safe_dump(record.merge_config, sort_keys=False, default_flow_style=None)
+    def finish(self, reason: str) -> dict[str, Any]:
+        """The run is over (the search, or this run of it): the final summary."""
+        self.finished_reason = reason
+        self.write_summary()
+        return self.summary()

@@ -35,10 +35,11 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory):
-    """A real Prefect server on loopback, shared by the tests that do not test the CLI's own."""
+    """A real Prefect server on loopback (every service on: deployments and workers use it),
+    shared by the tests that do not test the CLI's own."""
     from evomerge.backends.prefect_server import start_prefect_server
 
-    server = start_prefect_server()
+    server = start_prefect_server(all_services=True)
     yield server.api_url
     server.stop()
 

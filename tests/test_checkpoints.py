@@ -31,8 +31,8 @@ def test_a_checkpoint_per_told_generation_with_a_format_version(straight):
     assert files == ["00000.json", "00001.json", "00002.json", "00003.json"]
     cp = json.loads((storage / "checkpoints" / "00003.json").read_text())
     assert cp["format_version"] == CHECKPOINT_FORMAT_VERSION
-    assert cp["sigma_after"] == session.optimizer.sigma
-    assert cp["mean_after"] == session.optimizer.mean.tolist()
+    assert cp["sigma_after"] == session.searcher.sigma
+    assert cp["mean_after"] == session.searcher.mean.tolist()
     assert cp["evaluations"] == 16
 
 
@@ -44,8 +44,8 @@ def test_resume_rebuilds_the_optimizer_from_checkpoints_without_records(straight
         record.unlink()
     resumed = SearchSession(make_spec(storage, max_fevals=16, seed=4))
     assert resumed.generations_done == 4
-    assert resumed.optimizer.sigma == session.optimizer.sigma
-    assert np.array_equal(resumed.optimizer.mean, session.optimizer.mean)
+    assert resumed.searcher.sigma == session.searcher.sigma
+    assert np.array_equal(resumed.searcher.mean, session.searcher.mean)
     assert resumed.restore_notes == []
 
 
@@ -88,7 +88,7 @@ def test_a_checkpoint_from_another_optimizer_is_refused_not_followed(straight):
     cp = json.loads(target.read_text())
     cp["vectors"][0][0] += 1e-12  # what another pycma version asking other vectors looks like
     target.write_text(json.dumps(cp))
-    with pytest.raises(CorruptStateError, match="asks other vectors than the checkpoint recorded"):
+    with pytest.raises(CorruptStateError, match="asks other vectors in generation 1 than were stored"):
         SearchSession(make_spec(storage, max_fevals=16, seed=4))
 
 

@@ -1,4 +1,5 @@
-"""One set of option names and defaults: RunOptions, the CLI and the evolve flow agree."""
+"""Options are declared once (RunOptions); the CLI and the evolve flow's parameters are generated
+from it and must agree with it."""
 
 import inspect
 
@@ -11,15 +12,22 @@ from evomerge.core.options import RunOptions
 
 
 def test_flow_parameters_match_run_options():
-    from flows.evolve import evolve
+    from prefect.utilities.callables import parameter_schema
 
-    params = inspect.signature(evolve.fn).parameters
+    from evomerge.flows.evolve import evolve
+
+    params = inspect.signature(evolve).parameters
     flow_options = {k: p.default for k, p in params.items() if k not in ("config", "storage_path")}
     defaults = RunOptions().model_dump()
     assert set(flow_options) == set(defaults)
     for name, default in defaults.items():
         expected = None if name == "task_search_path" else default
         assert flow_options[name] == expected, name
+    # what `prefect deploy` publishes as the deployment's parameters
+    schema = parameter_schema(evolve)
+    assert set(schema.properties) == {"config", "storage_path", *defaults}
+    assert set(schema.required) == {"config", "storage_path"}
+    assert schema.properties["strategy"]["enum"] == ["pool", "buffered", "serial"]
 
 
 def test_cli_options_match_run_options():
@@ -30,6 +38,23 @@ def test_cli_options_match_run_options():
         if name == "task_search_path":
             continue  # a repeatable option: click's default is "none given"
         assert cli_params[name] == default, name
+
+
+def test_a_cli_command_line_becomes_the_same_run_options_as_the_flow_parameters(tmp_path, monkeypatch):
+    """The values the CLI collects and the ones a deployment run passes build equal RunOptions."""
+    from evomerge.core.options import options_from_parameters
+
+    seen = {}
+    monkeypatch.setattr("evomerge.backends.prepare.prepare_run",
+                        lambda config, storage, options, **kw: (_ for _ in ()).throw(ConfigurationError(repr(options))))
+    args = ["--random-seed", "7", "--force-population-size", "6", "--no-baselines", "-s", "serial",
+            "--task-search-path", "a", "--task-search-path", "b", "--searcher", "random", "--timeout", "60"]
+    result = CliRunner().invoke(main, [str(tmp_path / "c.yml"), "--storage-path", str(tmp_path / "s"), *args])
+    seen["cli"] = result.output
+    flow_values = {"seed": 7, "popsize": 6, "baselines": False, "strategy": "serial", "task_search_path": ["a", "b"],
+                   "searcher": "random", "timeout": 60.0}
+    expected = build_options(**options_from_parameters(flow_values))
+    assert repr(expected) in seen["cli"]
 
 
 UPSTREAM_FLAGS = [

@@ -44,7 +44,7 @@ within -1e-3, the best at the end, and the best of the first generation:
   slerp              2   -0.358   30  30  15  20  47  20  42  32  28  57    0           -0.037
 
 Hence the fitness margin 1e-3 (240 to 360 times closer to the optimum than the uniform start) and a
-budget of 200 distinct merges (slerp: 100 generations, see ``cma_search``), which every seed meets
+budget of 200 distinct merges (slerp: 100, see ``cma_search``), which every seed meets
 with room. Within 1e-3 in fitness a weight or t is off by at most about 0.03 and a density by about
 0.1; the largest parameter distance at the end of those 40 runs was 0.02. Searches that do not
 work fail by far (seed 0): without adaptation (sampling around the start for the whole budget)
@@ -65,12 +65,13 @@ import pytest
 import torch
 
 from evomerge.backends.merger_memory import InMemoryMerger
-from evomerge.core.config import GenomeDefinition, TaskConfiguration
-from evomerge.core.optimizer import CmaOptimizer
+from evomerge.core.config import EvolveConfig, GenomeDefinition, TaskConfiguration
 from evomerge.core.options import RunOptions
-from evomerge.core.records import CandidateRecord, EvaluationSettings
-from evomerge.core.search_loop import best_record, plan_generation
+from evomerge.core.records import CandidateRecord, CandidateRequest, EvaluationOutcome, EvaluationSettings
+from evomerge.core.run_spec import ModelFacts, RunSpec
 from evomerge.core.search_space import Coordinate, SearchSpace
+from evomerge.search_loop import inline_runner, run_search_loop
+from evomerge.search_session import SearchSession
 
 NUM_LAYERS = 4
 LAYER_GRANULARITY = 2
@@ -82,7 +83,7 @@ FITNESS_MARGIN = 1e-3
 # Largest distance from the planted recipe, per decoded parameter. For linear, "weight" is the
 # broken source's share of the normalised weights (only ratios matter there).
 PARAMETER_MARGINS = {"weight": 0.05, "t": 0.05, "density": 0.15}
-# plan_generation keys candidates by merge configuration and evaluation settings: one dummy task.
+# Candidates are keyed by merge configuration and evaluation settings: one dummy task.
 SETTINGS = EvaluationSettings(tasks=[TaskConfiguration(name="planted_logits")])
 
 
@@ -274,61 +275,41 @@ class SearchResult:
     first_generation_best: float
     scores: list[float]  # of every distinct merge, in the order evaluated
     generations: int
-    idle_generations: int  # generations that asked only merges evaluated before
+    finished_reason: str
 
     def evaluations_to_reach(self, margin: float) -> int | None:
         return next((i + 1 for i, s in enumerate(self.scores) if s > -margin), None)
 
 
-def cma_search(
-    space: SearchSpace,
-    fitness: MergedLogitFitness,
-    seed: int,
-    budget: int,
-    max_generations: int = 100,
-) -> SearchResult:
-    """SearchSession's loop without Prefect and storage: ask, plan (dedupe, budget), evaluate,
-    tell; CMA-ES with a default run's sigma0 and population size, from the uniform merge.
+def cma_search(space: SearchSpace, fitness: MergedLogitFitness, seed: int, budget: int, storage: Path) -> SearchResult:
+    """evomerge's own search loop (``run_search_loop``) and session, each candidate scored in
+    this process by ``fitness``: CMA-ES with a default run's sigma0 and population size, from
+    the uniform merge, ``budget`` distinct merges (as --max-fevals counts them).
 
-    ``max_generations`` bounds the loop: once slerp's t values are past the clipping bounds at
-    the optimum, every candidate decodes to the same, already evaluated merge, the budget of
-    distinct merges is no longer spent, and an unbounded loop asks idle generations (with seed 0,
-    4500 of them, until pycma's step size turned NaN). This test found that; SearchSession now
-    stops a search after IDLE_GENERATIONS_LIMIT idle generations in a row."""
-    options = RunOptions()
-    optimizer = CmaOptimizer(space.initial_point(), options.sigma0, seed, options.popsize)
-    records: dict[str, CandidateRecord] = {}
-    first_generation_best = None
-    generation = idle = 0
-    while len(records) < budget and generation < max_generations:
-        vectors = optimizer.ask()
-        plan = plan_generation(
-            space, SETTINGS, generation, vectors, frozenset(records), budget - len(records)
-        )
-        for request in plan.to_evaluate:
-            records[request.key] = CandidateRecord(
-                key=request.key,
-                generation=generation,
-                index=request.index,
-                vector=request.vector,
-                parameters=space.named_parameters(np.array(request.vector)),
-                merge_config=request.merge_config,
-                status="ok",
-                score=fitness(request.merge_config),
-            )
-        idle += not plan.to_evaluate
-        if generation == 0:
-            first_generation_best = max(records[k].score for k in plan.keys if k in records)
-        if not plan.complete:
-            break  # budget spent inside the generation, as the session ends there
-        optimizer.tell(vectors, plan.scores(records))
-        generation += 1
+    Once slerp's t values are past the clipping bounds at the optimum, every candidate decodes to
+    the same, already evaluated merge and the budget is no longer spent: this test found that an
+    unbounded loop then asked idle generations (with seed 0, 4500 of them, until pycma's step
+    size turned NaN); the session now stops such a search as converged."""
+    spec = RunSpec(
+        config=EvolveConfig(genome=space.genome, tasks=SETTINGS.tasks),
+        options=RunOptions(seed=seed, max_fevals=budget, baselines=False),
+        storage_path=str(storage),
+        models=ModelFacts(architecture="LlamaForCausalLM", num_layers=NUM_LAYERS, dtype="float32"),
+    )
+    session = SearchSession(spec)
+
+    def evaluate(request: CandidateRequest) -> EvaluationOutcome:
+        return EvaluationOutcome(status="ok", metrics={"planted_logits": {"acc,none": fitness(request.merge_config)}})
+
+    reason = run_search_loop(session, inline_runner(session, evaluate))
+    session.close()
+    records = sorted(session.records.values(), key=lambda r: (r.generation, r.index))
     return SearchResult(
-        best=best_record(records),
-        first_generation_best=first_generation_best,
-        scores=[r.score for r in records.values()],
-        generations=generation,
-        idle_generations=idle,
+        best=session.best,
+        first_generation_best=max(r.score for r in records if r.generation == 0),
+        scores=[r.score for r in records],
+        generations=session.generations_done,
+        finished_reason=reason,
     )
 
 
@@ -360,16 +341,16 @@ def test_each_source_alone_is_far_from_the_original(planted):
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_cma_es_finds_the_planted_optimum(method, planted):
+def test_cma_es_finds_the_planted_optimum(method, planted, tmp_path):
     space = make_space(method, planted)
     fitness = MergedLogitFitness(space, planted)
 
-    result = cma_search(space, fitness, SEED, METHODS[method].budget)
+    result = cma_search(space, fitness, SEED, METHODS[method].budget, tmp_path / "run")
 
     errors = parameter_errors(method, space, np.array(result.best.vector), planted)
     report = (
         f"{method}: best {result.best.score:.3g} after {len(result.scores)} evaluations "
-        f"({result.generations} generations), within {FITNESS_MARGIN} after "
+        f"({result.generations} generations, {result.finished_reason}), within {FITNESS_MARGIN} after "
         f"{result.evaluations_to_reach(FITNESS_MARGIN)}; distance from the recipe "
         f"{ {label: round(float(e), 4) for label, (e, _) in errors.items()} }"
     )

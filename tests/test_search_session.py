@@ -10,10 +10,13 @@ from evomerge.core.config import EvolveConfig
 from evomerge.core.options import RunOptions
 from evomerge.core.records import EvaluationOutcome, Timings
 from evomerge.core.run_spec import ModelFacts, RunSpec
-from evomerge.search_session import RunStoppedError, SearchSession, StorageMismatchError
+from evomerge.run_manifest import StorageMismatchError
+from evomerge.search_loop import inline_runner, run_search_loop
+from evomerge.search_session import RunStoppedError, SearchSession
 
 
 def make_spec(storage, **options):
+    options.setdefault("baselines", False)  # the fake scores below know candidates only
     config = EvolveConfig.model_validate(
         {"genome": {"models": ["/m/a", "/m/b"], "merge_method": "linear", "layer_granularity": 1},
          "tasks": ["t1", {"name": "t2", "weight": 2.0}]}
@@ -41,14 +44,12 @@ def outcome(vector, fail=False):
 
 
 def run(session, fail_when=lambda request: False, observers=()):
-    """The evolve flow's loop without Prefect or Ray; ``observers`` hear of each generation."""
-    while session.should_stop() is None:
-        plan = session.next_generation()
-        for request in plan.to_evaluate:
-            session.record_outcome(request, outcome(request.vector, fail_when(request)), round_trip=1.0)
-        session.finish_generation(plan)
-        for observer in observers:
-            observer.generation_done(plan.generation, plan.keys)
+    """The search loop without Prefect or Ray, each candidate scored by ``fake_score`` in this
+    process; ``observers`` hear of each generation."""
+    def evaluate(request):
+        return outcome(request.vector, fail_when(request))
+
+    run_search_loop(session, inline_runner(session, evaluate), observers)
     return session
 
 
@@ -61,7 +62,8 @@ def test_budget_records_summary_and_best_config(tmp_path):
     best = max(session.records.values(), key=lambda r: r.score)
     assert summary["best_fitness"] == best.score
     assert f"key {best.key}" in (tmp_path / "best_config.yaml").read_text()
-    assert summary["mean_seconds_per_candidate"]["round_trip"] == 1.0
+    assert summary["mean_seconds_per_candidate"]["total"] == pytest.approx(0.8)
+    assert 0 < summary["mean_seconds_per_candidate"]["round_trip"] < 1
 
 
 def test_starting_again_replays_without_evaluating_and_continues_identically(tmp_path):
@@ -75,7 +77,7 @@ def test_starting_again_replays_without_evaluating_and_continues_identically(tmp
     assert not set(evaluated_again) & set(half.records), "a recorded key was evaluated again"
     assert sorted(resumed.records) == sorted(straight.records)
     assert resumed.best.key == straight.best.key
-    assert np.array_equal(resumed.optimizer.mean, straight.optimizer.mean)
+    assert np.array_equal(resumed.searcher.mean, straight.searcher.mean)
 
 
 def test_failed_candidates_are_recorded_and_ranked_last(tmp_path):
@@ -93,17 +95,17 @@ def test_a_generation_where_most_candidates_fail_stops_with_the_errors(tmp_path)
     assert len(list((tmp_path / "records").iterdir())) == 4, "the failures are recorded before stopping"
 
 
-def test_a_fatal_outcome_stops_before_recording(tmp_path):
+def test_a_metric_no_task_produces_stops_before_recording(tmp_path):
     session = SearchSession(make_spec(tmp_path, max_fevals=8))
-    request = session.next_generation().to_evaluate[0]
-    with pytest.raises(RunStoppedError, match="does not produce"):
-        session.record_outcome(request, EvaluationOutcome(status="failed", fatal=True, error="task 't1' does not produce metric 'x'"))
+    request = session.next_batch().to_evaluate[0]
+    with pytest.raises(RunStoppedError, match="stopping at the first evaluation: task 't2' does not produce metric 'acc,none'"):
+        session.record_outcome(request, EvaluationOutcome(status="ok", metrics={"t1": {"acc,none": 0.5}, "t2": {"f1,none": 0.1}}))
     assert not (tmp_path / "records").exists()
 
 
 def test_nan_metric_is_a_failed_candidate(tmp_path):
     session = SearchSession(make_spec(tmp_path, max_fevals=8))
-    request = session.next_generation().to_evaluate[0]
+    request = session.next_batch().to_evaluate[0]
     record = session.record_outcome(
         request, EvaluationOutcome(status="ok", metrics={"t1": {"acc,none": float("nan")}, "t2": {"acc,none": 0.5}})
     )
@@ -159,14 +161,14 @@ def test_runs_with_a_generation_budget_continue_one_search_exactly(tmp_path):
     runs = []
     while True:
         session = run(SearchSession(make_spec(storage, max_fevals=16, seed=6, generations_per_run=1)))
-        runs.append((session.generations_this_run, session.paused))
+        runs.append((session.progress.generations_this_run, session.paused))
         if not session.paused:
             break
     assert runs == [(1, True), (1, True), (1, True), (1, False)], "the 4th run spends the budget: done"
     assert json.loads((storage / "summary.json").read_text())["paused"] is False
     assert sorted(session.records) == sorted(straight.records)
-    assert np.array_equal(session.optimizer.mean, straight.optimizer.mean)
-    assert session.optimizer.sigma == straight.optimizer.sigma
+    assert np.array_equal(session.searcher.mean, straight.searcher.mean)
+    assert session.searcher.sigma == straight.searcher.sigma
 
 
 def test_terminal_progress_shows_one_line_per_generation_only_on_a_terminal(tmp_path):
@@ -195,7 +197,7 @@ def test_a_search_that_only_asks_evaluated_merges_stops_converged_and_stays_stop
     config = EvolveConfig.model_validate(
         {"genome": {"models": ["/m/a", "/m/b"], "merge_method": "slerp", "layer_granularity": 1},
          "tasks": ["t1"]})
-    spec = RunSpec(config=config, options=RunOptions(popsize=4, max_fevals=200, seed=0), storage_path=str(tmp_path),
+    spec = RunSpec(config=config, options=RunOptions(popsize=4, max_fevals=200, seed=0, baselines=False), storage_path=str(tmp_path),
                    models=ModelFacts(architecture="LlamaForCausalLM", num_layers=2, dtype="float32"))
 
     def clipped_peak(request):
@@ -203,16 +205,9 @@ def test_a_search_that_only_asks_evaluated_merges_stops_converged_and_stays_stop
         return EvaluationOutcome(status="ok", metrics={"t1": {"acc,none": 1 - float(((t - [1, 0]) ** 2).sum())}})
 
     session = SearchSession(spec)
-    generations = 0
-    while session.should_stop() is None and generations < 1000:
-        plan = session.next_generation()
-        for request in plan.to_evaluate:
-            session.record_outcome(request, clipped_peak(request))
-        session.finish_generation(plan)
-        generations += 1
-    reason = session.should_stop()
-    assert reason is not None and reason.startswith("search converged: the last 10 generations"), reason
+    reason = run_search_loop(session, inline_runner(session, clipped_peak))
+    assert reason.startswith("search converged: the last 10 generations"), reason
     assert session.evaluations < 200 and session.best.parameters == {"layers 0-0/t": 1.0, "layers 1-1/t": 0.0}
     resumed = SearchSession(spec)
-    assert resumed.idle_generations == 10 and resumed.should_stop() == reason
+    assert resumed.progress.idle_generations == 10 and resumed.should_stop() == reason
     assert resumed.search_finished, "a converged search gets its held-out scores like a spent one"

@@ -49,16 +49,21 @@ def test_a_broken_candidate_fails_without_raising(worker_and_spec):
     request = request_for(spec, [0.5, 0.5, 0.5, 0.5])
     broken = dict(request.merge_config, base_model="/nonexistent/model")
     outcome = worker.run(request.model_copy(update={"merge_config": broken}))
-    assert outcome.status == "failed" and not outcome.fatal
+    assert outcome.status == "failed"
     assert outcome.error
 
 
-def test_a_metric_no_task_produces_is_fatal(tiny_models, tmp_path):
+def test_a_metric_no_task_produces_stops_the_run_at_the_first_outcome(tiny_models, tmp_path):
+    from evomerge.search_session import RunStoppedError, SearchSession
+
     config = write_config(tmp_path / "c.yml", tiny_models, limit=4, tasks=[{"name": "tiny_rev", "metric": "exact_match,none"}])
     spec = prepare_run(str(config), str(tmp_path / "s"), build_options(task_search_path=[str(TASKS_DIR)]))
-    outcome = SlotWorker(spec, "s").run(request_for(spec, [0.5] * 4))
-    assert outcome.fatal
-    assert "task 'tiny_rev' does not produce metric 'exact_match,none'; it produces acc,none. Set" in outcome.error
+    request = request_for(spec, [0.5] * 4)
+    outcome = SlotWorker(spec, "s").run(request)
+    assert outcome.status == "ok" and "exact_match,none" not in outcome.metrics["tiny_rev"]
+    with pytest.raises(RunStoppedError, match="task 'tiny_rev' does not produce metric 'exact_match,none'; it produces acc,none. Set"):
+        SearchSession(spec).record_outcome(request, outcome)
+    assert not (tmp_path / "s" / "records").exists()
 
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties", "linear", "slerp"])

@@ -16,14 +16,8 @@ class Scores:
     # Per-item values of each task's configured metric, in document order (``per_item``
     # evaluators only: held-out scoring, where two models are compared item by item).
     item_scores: dict[str, list[float]] = field(default_factory=dict)
-
-
-@dataclass
-class EvaluationResult:
-    results: dict[str, dict[str, Any]]  # lm-eval's results["results"]
-    load_seconds: float
-    evaluate_seconds: float
-    item_scores: dict[str, list[float]] = field(default_factory=dict)
+    load_seconds: float = 0.0  # loading a model folder (0 for a resident model)
+    evaluate_seconds: float = 0.0
 
 
 class HFEvaluator:
@@ -51,7 +45,8 @@ class HFEvaluator:
             settings.task_names, search_paths, include_defaults
         )
 
-    def evaluate(self, model_path: str) -> EvaluationResult:
+    def evaluate(self, model_path: str) -> Scores:
+        """Load a model folder and score it."""
         from lm_eval.models.huggingface import HFLM
 
         started = time.perf_counter()
@@ -67,11 +62,14 @@ class HFEvaluator:
             scores = self.score(lm)
         finally:
             del lm
-        return EvaluationResult(scores.results, loaded - started, time.perf_counter() - loaded,
-                                scores.item_scores)
+        scores.load_seconds = loaded - started
+        return scores
 
     def score(self, lm) -> Scores:
+        """Score a model lm-eval already holds (a loaded folder, or the resident model)."""
         import lm_eval
+
+        started = time.perf_counter()
 
         out = lm_eval.simple_evaluate(
             model=lm,
@@ -87,7 +85,7 @@ class HFEvaluator:
             use_cache=None,  # lm-eval's response cache has no model identity: never use it
         )
         items = _item_scores(out.get("samples") or {}, self.settings.tasks) if self.per_item else {}
-        return Scores(out["results"], items)
+        return Scores(out["results"], items, evaluate_seconds=time.perf_counter() - started)
 
 
 def _item_scores(samples: dict[str, list[dict]], tasks) -> dict[str, list[float]]:

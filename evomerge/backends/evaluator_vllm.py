@@ -14,7 +14,7 @@ import gc
 import time
 from typing import Any
 
-from evomerge.backends.evaluator_hf import EvaluationResult, HFEvaluator
+from evomerge.backends.evaluator_hf import HFEvaluator, Scores
 
 # dtypes lm-eval's VLLM wrapper accepts; anything else lets vLLM read the folder's config.
 _VLLM_DTYPES = ("float16", "bfloat16", "float32")
@@ -38,7 +38,7 @@ class VLLMEvaluator(HFEvaluator):
             "gpu_memory_utilization": self.gpu_memory_utilization,
         }
 
-    def evaluate(self, model_path: str) -> EvaluationResult:
+    def evaluate(self, model_path: str) -> Scores:
         from lm_eval.models.vllm_causallms import VLLM
 
         started = time.perf_counter()
@@ -49,5 +49,5 @@ class VLLMEvaluator(HFEvaluator):
         finally:
             del lm
             gc.collect()  # the engine holds the GPU until collected; the next candidate needs it
-        return EvaluationResult(scores.results, loaded - started, time.perf_counter() - loaded,
-                                scores.item_scores)
+        scores.load_seconds = loaded - started
+        return scores

@@ -14,6 +14,7 @@ import base64
 import logging
 from collections.abc import Iterable
 
+from evomerge.backends.merge_config_yaml import merge_config_yaml
 from evomerge.backends.report_plot import fitness_plot_png
 from evomerge.core.records import CandidateRecord
 from evomerge.core.run_report import (
@@ -31,16 +32,15 @@ def artifact_key(fingerprint: str, what: str) -> str:
     return f"evomerge-{fingerprint.lower()}-{what}"
 
 
-def publish_candidates(session, generation: int, records: Iterable[CandidateRecord]) -> None:
-    _publish_table(session, "candidates", records,
-                   f"Candidates of generation {generation}: parameters, metrics, fitness, slot")
-
-
-def publish_references(session, phase: str, records: Iterable[CandidateRecord]) -> None:
-    """After the baselines or the held-out scores: their table on the phase's subflow run, and
-    the comparison on the run."""
-    _publish_table(session, phase, records, f"Scored in the {phase} phase: metrics, fitness, slot")
-    _publish_comparison(session, f"after the {phase}")
+def publish_batch(session, phase, records: Iterable[CandidateRecord]) -> None:
+    """The table of a batch on its subflow run: a generation's candidates (parameters, metrics,
+    fitness, slot); after the baselines or the held-out scores, also the comparison on the run."""
+    if phase.kind == "generation":
+        _publish_table(session, "candidates", records,
+                       f"Candidates of generation {phase.generation}: parameters, metrics, fitness, slot")
+        return
+    _publish_table(session, phase.kind, records, f"Scored in the {phase.kind} phase: metrics, fitness, slot")
+    _publish_comparison(session, f"after the {phase.kind}")
 
 
 def _publish_table(session, what: str, records: Iterable[CandidateRecord], description: str) -> None:
@@ -99,7 +99,8 @@ class CheckpointPublisher:
         best = s.best
         _best_effort(
             create_markdown_artifact,
-            markdown=best_config_markdown(best, s.evaluations, max_fevals),
+            markdown=best_config_markdown(best, merge_config_yaml(best.merge_config) if best else "",
+                                          s.evaluations, max_fevals),
             key=artifact_key(fingerprint, "best-config"),
             description=f"Best merge configuration after generation {generation}",
         )

@@ -231,19 +231,23 @@ def prepare_run(
     except ValueError as exc:
         raise ConfigurationError(f"{config_path}: {exc}") from exc
     search_paths = [os.path.abspath(p) for p in options.task_search_path]
-    options = options.model_copy(update={"task_search_path": search_paths})
-    include_default_tasks = True
-    if check_task_names:
-        names = [t.name for t in [*config.tasks, *(config.held_out_tasks or [])]]
-        include_default_tasks = check_tasks(list(dict.fromkeys(names)), search_paths)
-    return RunSpec(
+    spec = RunSpec(
         config=config,
-        options=options,
+        options=options.model_copy(update={"task_search_path": search_paths}),
         storage_path=normalize_storage_path(storage_path),
         models=models,
         working_dir=os.getcwd(),
-        include_default_tasks=include_default_tasks,
     )
+    return with_checked_tasks(spec) if check_task_names else spec
+
+
+def with_checked_tasks(spec: RunSpec) -> RunSpec:
+    """Check that lm-eval knows every task (its import and task index are the costly part of
+    validation, so the CLI runs this while the Prefect server boots); the RunSpec then says
+    whether lm-eval's built-in tasks are needed at all."""
+    names = [t.name for t in [*spec.config.tasks, *(spec.config.held_out_tasks or [])]]
+    needed = check_tasks(list(dict.fromkeys(names)), spec.options.task_search_path)
+    return spec.model_copy(update={"include_default_tasks": needed})
 
 
 def normalize_storage_path(storage_path: str) -> str:

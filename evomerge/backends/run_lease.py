@@ -22,8 +22,7 @@ import uuid
 from dataclasses import dataclass
 
 from evomerge.backends.run_store import RunStore
-
-LEASE_FILE = "lease.json"
+from evomerge.core.storage_layout import LEASE
 
 
 class LeaseHeldError(RuntimeError):
@@ -42,7 +41,7 @@ class LeaseInfo:
 
 
 def read_lease(store: RunStore) -> LeaseInfo | None:
-    raw = store.read_text(LEASE_FILE)
+    raw = store.read_text(LEASE)
     if not raw:
         return None
     try:
@@ -113,7 +112,7 @@ class RunLease:
             self._thread.join(timeout=5)
         current = read_lease(self.store)
         if current is not None and current.owner == self.owner:
-            self.store.remove(LEASE_FILE)
+            self.store.remove(LEASE)
 
     def __enter__(self) -> RunLease:
         return self.acquire()
@@ -125,7 +124,7 @@ class RunLease:
         text = json.dumps(
             {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()}
         )
-        path = self.store.local_path(LEASE_FILE)
+        path = self.store.local_path(LEASE)
         if exclusive and path is not None:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             try:
@@ -137,7 +136,7 @@ class RunLease:
             with os.fdopen(fd, "w") as f:
                 f.write(text)
             return
-        self.store.write_text(LEASE_FILE, text)
+        self.store.write_text(LEASE, text)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_seconds):

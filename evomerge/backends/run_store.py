@@ -1,19 +1,6 @@
 """RunStore: everything a run keeps, under one storage path (a local folder or ``s3://...``).
 
-Layout::
-
-    run.json                  what run this path holds (fingerprint, config, options)
-    records/<key>.json        one write-once record per evaluated candidate
-    baselines/<key>.json      parents and the uniform merge, scored before the search
-    held_out/<key>.json       baselines and the best candidates scored on held_out_tasks
-    checkpoints/<n>.json      generation n as told to CMA-ES (format: evomerge.core.checkpoint)
-    quarantine/<folder>/      records that could not be read, moved aside at resume
-    lease.json                which process runs the search now (evomerge.backends.run_lease)
-    best_config.yaml          the best merge so far, a config ``mergekit-yaml`` takes as is
-    summary.json              evaluations spent, generations, best fitness and metrics
-    merged/<key>/             scratch folder of an on-disk merge (local paths; deleted after scoring)
-    final_model/              the best merge, when --save-final-model
-    report.md, report.png     ``evomerge report``: per-task table and fitness plot
+The layout (every name under a storage path) is declared in ``evomerge.core.storage_layout``.
 
 Every write is atomic: a temporary file then ``os.replace`` locally, a whole-object PUT on object
 stores, so a reader never sees half a file. Reading never executes anything: JSON and YAML only.
@@ -41,6 +28,7 @@ from botocore.exceptions import HTTPClientError
 from fsspec.implementations.local import LocalFileSystem
 
 from evomerge.core.records import RECORD_FORMAT_VERSION, CandidateRecord
+from evomerge.core.storage_layout import CANDIDATES, RecordFolder, quarantine_name, record_name, scratch_name
 from evomerge.failpoints import failpoint
 
 _KEY = re.compile(r"^[0-9a-f]{8,64}$")
@@ -124,17 +112,17 @@ class RunStore:
                 raise StorageError(f"refusing a storage key outside the storage path: {part!r}")
         return "/".join([self.root, *parts])
 
-    def record_path(self, key: str) -> str:
+    def record_path(self, key: str, folder: RecordFolder = CANDIDATES) -> str:
         if not _KEY.match(key):
             raise StorageError(f"invalid candidate key {key!r}")
-        return self.path("records", f"{key}.json")
+        return self.path(record_name(folder, key))
 
     def scratch_dir(self, key: str) -> str:
         """Where an on-disk merge of ``key`` is written (a local folder, deleted after scoring)."""
         if not _KEY.match(key):
             raise StorageError(f"invalid candidate key {key!r}")
         if self.is_local:
-            return os.path.join(self.root, "merged", key)
+            return os.path.join(self.root, scratch_name(key))
         return os.path.join(tempfile.gettempdir(), "evomerge-merged", key)
 
     # --- raw I/O ---------------------------------------------------------------------------
@@ -178,14 +166,13 @@ class RunStore:
             raise StorageError(f"{self.path(rel)} is not valid JSON ({exc}); it may be truncated") from exc
 
     # --- records ---------------------------------------------------------------------------
-    def write_record(self, record: CandidateRecord, folder: str = "records") -> None:
+    def write_record(self, record: CandidateRecord, folder: RecordFolder = CANDIDATES) -> None:
         """Write a candidate's record once; a second write of the same key is refused.
-        ``folder``: ``records`` (CMA-ES candidates), ``baselines`` or ``held_out``."""
-        rel = f"{folder}/{record.key}.json"
-        self.record_path(record.key)  # validates the key
-        if self._retrying("check", self.path(rel), self.fs.exists, self.path(rel)):
+        ``folder``: ``records`` (searcher candidates), ``baselines`` or ``held_out``."""
+        target = self.record_path(record.key, folder)  # validates the key
+        if self._retrying("check", target, self.fs.exists, target):
             raise StorageError(f"record {record.key} already exists; records are written once")
-        self.write_text(rel, record.model_dump_json(indent=2) + "\n")
+        self.write_text(record_name(folder, record.key), record.model_dump_json(indent=2) + "\n")
 
     def remove(self, rel: str) -> None:
         target = self.path(rel)
@@ -201,7 +188,7 @@ class RunStore:
         return self._retrying("list", directory, self.fs.ls, directory, detail=False)
 
     def read_records(
-        self, on_unreadable: Callable[[str], None] | None = None, folder: str = "records"
+        self, on_unreadable: Callable[[str], None] | None = None, folder: RecordFolder = CANDIDATES
     ) -> dict[str, CandidateRecord]:
         """Every readable record in ``folder`` by key.
 
@@ -220,7 +207,7 @@ class RunStore:
             if not base.endswith(".json") or base.startswith("."):
                 continue
             key = base[: -len(".json")]
-            text = self.read_text(f"{folder}/{base}")
+            text = self.read_text(f"{folder}/{base}")  # == record_name(folder, key)
             try:
                 record = CandidateRecord.model_validate_json(text or "")
                 problem = None
@@ -237,7 +224,7 @@ class RunStore:
             where = self.fs.unstrip_protocol(name)
             if on_unreadable is None:
                 raise StorageError(f"record {where} {problem}")
-            aside = self.path("quarantine", folder, base)
+            aside = self.path(quarantine_name(folder, base))
             if self.is_local:
                 os.makedirs(os.path.dirname(aside), exist_ok=True)
             self._retrying("move", name, self.fs.mv, name, aside)

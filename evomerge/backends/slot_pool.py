@@ -12,6 +12,8 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -55,76 +57,102 @@ def plan_slots(cluster_resources: dict[str, float], spec: RunSpec) -> tuple[int,
 
 
 class SlotPool:
-    """The run's slot actors. Holding their handles keeps them alive: Ray collects a
-    non-detached actor, named or not, once no handle to it is left."""
+    """The run's evaluation slots: Ray (a private local cluster, or ``--ray-address``) and one
+    SlotWorker actor per slot.
 
-    def __init__(self, refs: list[SlotRef], handles: list):
-        self.refs = refs
-        self._handles = handles
+    ``launch`` starts Ray and creates the actors without waiting for them; ``refs`` waits until
+    every slot has started (raising after ``--slot-start-timeout``). Holding the actors' handles
+    keeps them alive: Ray collects a non-detached actor once no handle to it is left. ``stop``
+    kills the actors and stops the cluster if this pool started it.
+    """
 
-    def stop(self) -> None:
+    def __init__(self, spec: RunSpec):
+        self.spec = spec
+        self._started_ray = False
+        self._actors: list = []
+        self._pending: list[SlotRef] = []
+        self._warming: list = []
+        self._actor_options: dict = {}
+        self._refs: list[SlotRef] | None = None
+
+    @property
+    def launched(self) -> bool:
+        return bool(self._actors)
+
+    def launch(self) -> SlotPool:
+        if self.launched:
+            return self
         import ray
 
-        for handle in self._handles:
-            try:
-                ray.kill(handle)
-            except Exception:  # already gone
-                pass
-        self._handles = []
+        from evomerge.backends.ray_cluster import connect_ray
+        from evomerge.backends.slot_worker import SlotWorker
 
+        self._started_ray = connect_ray(self.spec.options.ray_address)
+        count, self._actor_options = plan_slots(ray.cluster_resources(), self.spec)
+        namespace = f"evomerge-{uuid.uuid4().hex[:8]}"
+        actor_cls = ray.remote(SlotWorker)
+        for i in range(count):
+            name = f"slot-{i}"
+            actor_name = f"evomerge-{name}"
+            self._actors.append(actor_cls.options(
+                name=actor_name,
+                namespace=namespace,
+                max_concurrency=1,
+                # A slot's worker process that dies (OOM killer, segfault, kill -9, a timeout's
+                # restart) is started again by Ray; the candidate it held is retried by
+                # run_on_slot, a bounded number of times.
+                max_restarts=-1,
+                **self._actor_options,
+            ).remote(self.spec, name, threads=self._actor_options.get("num_cpus", 1)))
+            self._pending.append(SlotRef(name, actor_name, namespace))
+        # Prefect tasks run in Ray worker processes; a fresh worker spends seconds importing
+        # Prefect. Warm one per slot while the actors start, so the first candidates do not pay
+        # for it (Ray reuses idle workers for later tasks of the run).
+        warm = ray.remote(num_cpus=0)(_import_task_dependencies)
+        self._warming = [warm.remote() for _ in range(count)]
+        return self
 
-def start_slots(spec: RunSpec) -> SlotPool:
-    import ray
+    def refs(self) -> list[SlotRef]:
+        """The slots, once every one has started (launching them first if needed)."""
+        if self._refs is not None:
+            return self._refs
+        import ray
 
-    from evomerge.backends.slot_worker import SlotWorker
-
-    count, actor_options = plan_slots(ray.cluster_resources(), spec)
-    namespace = f"evomerge-{uuid.uuid4().hex[:8]}"
-    actor_cls = ray.remote(SlotWorker)
-    actors, refs = [], []
-    for i in range(count):
-        name = f"slot-{i}"
-        actor_name = f"evomerge-{name}"
-        actor = actor_cls.options(
-            name=actor_name,
-            namespace=namespace,
-            max_concurrency=1,
-            # A slot's worker process that dies (OOM killer, segfault, kill -9, a timeout's
-            # restart) is started again by Ray; the candidate it held is retried by
-            # run_on_slot, a bounded number of times.
-            max_restarts=-1,
-            **actor_options,
-        ).remote(spec, name, threads=actor_options.get("num_cpus", 1))
-        actors.append(actor)
-        refs.append(SlotRef(name, actor_name, namespace))
-    pool = SlotPool(refs, actors)
-    # Prefect tasks run in Ray worker processes; a fresh worker spends seconds importing Prefect.
-    # Warm one per slot while the actors start, so the first generation does not pay for it
-    # (Ray reuses idle workers for later tasks of the run).
-    warm = ray.remote(num_cpus=0)(_import_task_dependencies)
-    warming = [warm.remote() for _ in range(count)]
-    ready, not_ready = ray.wait(
-        [a.describe.remote() for a in actors], num_returns=count, timeout=spec.options.slot_start_timeout
-    )
-    if not_ready:
-        pool.stop()
-        raise SlotStartError(
-            f"Ray placed {len(ready)} of {count} evaluation slots ({actor_options} each) within "
-            f"{spec.options.slot_start_timeout:.0f} s; the cluster has {ray.cluster_resources()}. "
-            "Lower --num-gpus/--cpu-slots or add nodes"
+        self.launch()
+        timeout = self.spec.options.slot_start_timeout
+        count = len(self._actors)
+        ready, not_ready = ray.wait([a.describe.remote() for a in self._actors], num_returns=count, timeout=timeout)
+        if not_ready:
+            raise SlotStartError(
+                f"Ray placed {len(ready)} of {count} evaluation slots ({self._actor_options} each) within "
+                f"{timeout:.0f} s; the cluster has {ray.cluster_resources()}. Lower --num-gpus/--cpu-slots "
+                "or add nodes"
+            )
+        described = {d["slot"]: d for d in ray.get(ready)}  # raises if a slot failed to start
+        ray.get(self._warming, timeout=timeout)
+        self._refs = [
+            SlotRef(r.name, r.actor_name, r.namespace, described[r.name]["node"], described[r.name]["node_id"])
+            for r in self._pending
+        ]
+        logging.getLogger("evomerge").info(
+            "%d evaluation slots: %s", count, ", ".join(f"{r.name}@{r.node}" for r in self._refs)
         )
-    try:
-        described = ray.get(ready)  # raises if a slot failed to start (e.g. bad task files)
-        ray.get(warming, timeout=spec.options.slot_start_timeout)
-    except Exception:
-        pool.stop()
-        raise
-    by_slot = {d["slot"]: d for d in described}
-    pool.refs = [
-        SlotRef(r.name, r.actor_name, r.namespace, by_slot[r.name]["node"], by_slot[r.name]["node_id"])
-        for r in refs
-    ]
-    return pool
+        return self._refs
+
+    def stop(self) -> None:
+        from evomerge.backends.ray_cluster import disconnect_ray
+
+        if self._actors:
+            import ray
+
+            for actor in self._actors:
+                try:
+                    ray.kill(actor)
+                except Exception:  # already gone
+                    pass
+        self._actors, self._refs = [], None
+        disconnect_ray(self._started_ray)
+        self._started_ray = False
 
 
 def _import_task_dependencies() -> int:
@@ -134,38 +162,26 @@ def _import_task_dependencies() -> int:
     return os.getpid()
 
 
-class SlotsOnDemand:
-    """Starts Ray and the slot pool the first time a generation needs them, stops both at exit.
+# Pools launched before their run's flow started (the CLI launches Ray and the slots while the
+# private Prefect server boots), by storage path; the flow takes its pool from here.
+_LAUNCHED_EARLY: dict[str, SlotPool] = {}
 
-    A run started again on a finished or mostly replayed storage path then costs no cluster.
-    """
 
-    def __init__(self, spec: RunSpec):
-        self.spec = spec
-        self._pool: SlotPool | None = None
-        self._started_ray = False
+def launch_early(spec: RunSpec) -> SlotPool:
+    """Launch the slots of the run on ``spec.storage_path`` now; its flow will use them."""
+    pool = _LAUNCHED_EARLY[spec.storage_path] = SlotPool(spec).launch()
+    return pool
 
-    def refs(self) -> list[SlotRef]:
-        if self._pool is None:
-            from evomerge.backends.ray_cluster import connect_ray
 
-            self._started_ray = connect_ray(self.spec.options.ray_address)
-            self._pool = start_slots(self.spec)
-            logging.getLogger("evomerge").info(
-                "%d evaluation slots: %s", len(self._pool.refs),
-                ", ".join(f"{r.name}@{r.node}" for r in self._pool.refs),
-            )
-        return self._pool.refs
-
-    def __enter__(self) -> SlotsOnDemand:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        from evomerge.backends.ray_cluster import disconnect_ray
-
-        if self._pool is not None:
-            self._pool.stop()
-        disconnect_ray(self._started_ray)
+@contextmanager
+def slot_pool(spec: RunSpec) -> Iterator[SlotPool]:
+    """The run's slot pool (launched early, or on first use), stopped when the block ends. A run
+    started again on a finished storage path thus costs no cluster unless it was launched early."""
+    pool = _LAUNCHED_EARLY.pop(spec.storage_path, None) or SlotPool(spec)
+    try:
+        yield pool
+    finally:
+        pool.stop()
 
 
 @dataclass(frozen=True)
@@ -192,7 +208,9 @@ def run_on_slot(
     the candidate retried up to ``policy.retries`` times; a candidate still running after
     ``policy.timeout`` seconds is failed and the worker restarted (the hung process is killed,
     the slot comes back). The timeout starts when the worker is ready, so a restart after
-    another candidate's death is not charged to this one.
+    another candidate's death or timeout is not charged to this one: a ``describe`` call is
+    queued right before the candidate (an actor runs one caller's calls in order) and its answer
+    starts the clock, without a round trip of its own.
     """
     import ray
     from ray.exceptions import GetTimeoutError, RayActorError
@@ -200,10 +218,14 @@ def run_on_slot(
     deaths: list[str] = []
     attempts = policy.retries + 1
     for attempt in range(1, attempts + 1):
-        actor = ray.get_actor(slot.actor_name, namespace=slot.namespace)
+        actor = _slot_actor(slot)
+        call = None
         try:
-            _wait_until_ready(actor, policy.worker_start_timeout)
+            if attempt > 1:
+                _wait_until_ready(actor, policy.worker_start_timeout)
+            ready = actor.describe.remote()
             call = actor.run.remote(request) if merged is None else actor.evaluate_merged.remote(request, merged)
+            ray.get(ready, timeout=policy.worker_start_timeout)
             outcome = ray.get(call, timeout=policy.timeout)
             return outcome.model_copy(update={"attempts": attempt, "worker_deaths": deaths})
         except GetTimeoutError:
@@ -213,7 +235,12 @@ def run_on_slot(
                 error=f"timed out after {policy.timeout:g} s (--candidate-timeout) on {slot.name}; "
                 "its worker was killed and restarted",
             )
-        except RayActorError as exc:
+        except RayActorError as exc:  # died under the candidate, or unavailable while restarting
+            if call is not None:  # never run one candidate twice on a slot
+                try:
+                    ray.cancel(call)
+                except Exception:  # nothing to cancel: it died with its worker
+                    pass
             deaths.append(error_summary(exc))
             logging.getLogger("evomerge").warning(
                 "the worker of %s died under candidate %s.%s (attempt %d of %d): %s",
@@ -227,6 +254,20 @@ def run_on_slot(
         error=f"the worker of {slot.name} died {len(deaths)} times under this candidate "
         f"(--worker-retries {policy.retries}); last: {deaths[-1]}",
     )
+
+
+# Handles of the slot actors this process has looked up: a handle stays valid across the actor's
+# restarts, so the lookup (a GCS round trip) is made once per process, not once per candidate.
+_ACTORS: dict[tuple[str, str], object] = {}
+
+
+def _slot_actor(slot: SlotRef):
+    import ray
+
+    key = (slot.namespace, slot.actor_name)
+    if key not in _ACTORS:
+        _ACTORS[key] = ray.get_actor(slot.actor_name, namespace=slot.namespace)
+    return _ACTORS[key]
 
 
 def _wait_until_ready(actor, timeout: float) -> None:

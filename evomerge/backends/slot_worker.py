@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from evomerge.backends.evaluator_hf import HFEvaluator, Scores
 from evomerge.backends.merger_disk import DiskMerger
 from evomerge.backends.run_store import RunStore
-from evomerge.core.fitness import MissingMetricError, weighted_score
 from evomerge.core.records import CandidateRequest, EvaluationOutcome, Timings, error_summary
 from evomerge.core.run_spec import RunSpec
 from evomerge.failpoints import failpoint
@@ -95,14 +94,11 @@ class SlotWorker:
             # resident model only takes merges of the search's own method.
             if self.resident is not None and request.kind == "candidate":
                 timings.merge = self.resident.merge(request.merge_config)
-                t0 = time.perf_counter()
-                scores = evaluator.score(self.resident.lm)
-                timings.evaluate = time.perf_counter() - t0
-                return scores
+                return evaluator.score(self.resident.lm)
             t0 = time.perf_counter()
             self.merger.merge(request.merge_config, out_dir)
             timings.merge = time.perf_counter() - t0
-            return self._score_folder(evaluator, out_dir, timings)
+            return evaluator.evaluate(out_dir)
 
         return self._outcome(request, merge_and_score, cleanup=out_dir, merge_node_id=self.node_id)
 
@@ -113,17 +109,13 @@ class SlotWorker:
             timings.merge = merged.seconds
             if merged.error:
                 raise CandidateMergeError(merged.error)
-            return self._score_folder(self._evaluator_for(request), merged.path, timings)
+            return self._evaluator_for(request).evaluate(merged.path)
 
         return self._outcome(request, score, cleanup=merged.path, merge_node_id=merged.node_id)
 
-    def _score_folder(self, evaluator: HFEvaluator, path: str, timings: Timings) -> Scores:
-        result = evaluator.evaluate(path)
-        timings.load, timings.evaluate = result.load_seconds, result.evaluate_seconds
-        return Scores(result.results, result.item_scores)
-
     def _outcome(self, request: CandidateRequest, work, *, cleanup: str, merge_node_id: str) -> EvaluationOutcome:
-        """Run ``work(timings) -> Scores`` and turn whatever happens into an outcome."""
+        """Run ``work(timings) -> Scores`` and turn whatever happens into an outcome. The fitness
+        is not computed here: the session computes it once, from the metrics."""
         started = time.perf_counter()
         timings = Timings()
         metrics: dict = {}
@@ -132,19 +124,17 @@ class SlotWorker:
             failpoint("slot-evaluate")  # tests kill, hang or fail the worker here
             scores = work(timings)
             metrics, items = _numeric_metrics(scores.results), scores.item_scores
-            weighted_score(scores.results, self.spec.evaluation_for(request.held_out).tasks)  # raises on a bad metric
-            status, error, fatal = "ok", None, False
-        except MissingMetricError as exc:
-            status, error, fatal = "failed", str(exc), True
+            timings.load, timings.evaluate = scores.load_seconds, scores.evaluate_seconds
+            status, error = "ok", None
         except CandidateMergeError as exc:
-            status, error, fatal = "failed", str(exc), False
+            status, error = "failed", str(exc)
         except Exception as exc:  # a candidate's failure is data, not the end of the run
-            status, error, fatal = "failed", error_summary(exc), False
+            status, error = "failed", error_summary(exc)
         finally:
             shutil.rmtree(cleanup, ignore_errors=True)
         timings.total = time.perf_counter() - started
         return EvaluationOutcome(
-            status=status, metrics=metrics, error=error, fatal=fatal, timings=timings,
+            status=status, metrics=metrics, error=error, timings=timings,
             node=self.node, slot=self.slot, merge_node_id=merge_node_id, eval_node_id=self.node_id,
             item_scores=items,
         )

@@ -15,6 +15,7 @@ import os
 import tempfile
 
 from evomerge.core.run_report import generation_stats
+from evomerge.core.storage_layout import BEST_CONFIG
 
 log = logging.getLogger("evomerge")
 
@@ -53,11 +54,11 @@ class WandbLogger:
     def finish(self) -> None:
         s = self.session
         try:
-            best = s.store.read_text("best_config.yaml")
+            best = s.store.read_text(BEST_CONFIG)
             if best is not None:
                 artifact = self._wandb.Artifact(f"best-config-{s.spec.fingerprint()}", type="merge-config",
                                                 metadata={"fitness": s.best.score if s.best else None})
-                with artifact.new_file("best_config.yaml") as f:
+                with artifact.new_file(BEST_CONFIG) as f:
                     f.write(best)
                 self.run.log_artifact(artifact)
             self.run.finish()

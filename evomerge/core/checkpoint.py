@@ -1,12 +1,14 @@
-"""The checkpoint of one told generation: what CMA-ES was told, and what it became (pure).
+"""The checkpoint of one searcher step: what the searcher was told, and what it became (pure).
 
-A checkpoint is JSON, written atomically after each ``tell``: the asked vectors, their keys, the
-scores told, and the optimizer's step size and mean afterwards. It holds no optimizer object:
-resume rebuilds CMA-ES by replaying the checkpoints through a new optimizer of the same seed and
-checks, generation by generation, that it asks exactly the recorded vectors and reaches exactly
-the recorded step size and mean. Reading a checkpoint therefore never executes anything (no
-pickle), and a checkpoint from another seed, pycma version or evomerge version is detected
-instead of silently steering the search somewhere else.
+A checkpoint is JSON, written atomically after each step (``evomerge.core.searcher.SearchStep``):
+the asked vectors, their candidate keys, the scores told, and for CMA-ES the step size and mean
+afterwards. It holds no optimizer object: resume rebuilds the searcher by replaying the
+checkpoints through a new searcher of the same seed, which checks step by step that it asks
+exactly the recorded vectors and reaches exactly the recorded state. Reading a checkpoint
+therefore never executes anything (no pickle), and a checkpoint from another seed, pycma version
+or evomerge version is detected instead of silently steering the search somewhere else.
+
+Format version 1 is the one evomerge 0.1 wrote (CMA-ES only); ``searcher`` defaults to it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import json
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+from evomerge.core.searcher import SearchStep
 
 CHECKPOINT_FORMAT_VERSION = 1
 
@@ -32,14 +36,34 @@ class GenerationCheckpoint(BaseModel):
     keys: list[str]
     vectors: list[list[float]]
     scores_told: list[float]
-    sigma_after: float
-    mean_after: list[float]
+    sigma_after: float | None = None  # CMA-ES only
+    mean_after: list[float] | None = None  # CMA-ES only
     evaluations: int  # records in the store when it was written
     best_key: str | None = None
     written_at: float = 0.0
+    searcher: str = "cma-es"
+
+    @classmethod
+    def of_step(cls, step: SearchStep, *, searcher: str, fingerprint: str, keys: list[str],
+                evaluations: int, best_key: str | None, written_at: float) -> GenerationCheckpoint:
+        return cls(
+            format_version=CHECKPOINT_FORMAT_VERSION, fingerprint=fingerprint,
+            generation=step.generation, keys=keys, vectors=[list(v) for v in step.vectors],
+            scores_told=list(step.scores_told), sigma_after=step.sigma_after,
+            mean_after=None if step.mean_after is None else list(step.mean_after),
+            evaluations=evaluations, best_key=best_key, written_at=written_at, searcher=searcher,
+        )
+
+    def step(self) -> SearchStep:
+        return SearchStep(
+            self.generation, tuple(tuple(v) for v in self.vectors), tuple(self.scores_told),
+            self.sigma_after, None if self.mean_after is None else tuple(self.mean_after),
+        )
 
 
-def parse_checkpoint(text: str | None, where: str, fingerprint: str, generation: int) -> GenerationCheckpoint:
+def parse_checkpoint(
+    text: str | None, where: str, fingerprint: str, generation: int, searcher: str = "cma-es"
+) -> GenerationCheckpoint:
     """Validate a stored checkpoint; any problem is a CorruptStateError naming ``where``."""
     if not text:
         raise CorruptStateError(f"{where} is empty")
@@ -61,6 +85,8 @@ def parse_checkpoint(text: str | None, where: str, fingerprint: str, generation:
         raise CorruptStateError(f"{where} does not hold a valid checkpoint: {exc}") from exc
     if checkpoint.fingerprint != fingerprint:
         raise CorruptStateError(f"{where} belongs to another search (fingerprint {checkpoint.fingerprint})")
+    if checkpoint.searcher != searcher:
+        raise CorruptStateError(f"{where} was written by the {checkpoint.searcher} searcher, not {searcher}")
     if checkpoint.generation != generation:
         raise CorruptStateError(f"{where} holds generation {checkpoint.generation}, not {generation}")
     n = len(checkpoint.keys)
@@ -68,7 +94,3 @@ def parse_checkpoint(text: str | None, where: str, fingerprint: str, generation:
         raise CorruptStateError(f"{where} has {n} keys, {len(checkpoint.vectors)} vectors and "
                                 f"{len(checkpoint.scores_told)} scores; they must be equal and non-zero")
     return checkpoint
-
-
-def checkpoint_name(generation: int) -> str:
-    return f"checkpoints/{generation:05d}.json"

@@ -1,19 +1,30 @@
 """Run options: every ``mergekit-evolve`` command-line option, plus evomerge's own.
 
-This model is the single source of names and defaults for the CLI (``evomerge.cli``), the
-``evolve`` flow's parameters and the deployment; ``tests/test_options.py`` checks that they agree.
-Upstream names keep their meaning; where upstream had an awkward name, evomerge adds a clearer one
-and keeps the old one as an alias on the command line (``--random-seed`` = ``--seed``,
-``--force-population-size`` = ``--popsize``).
+Declared once, here: the CLI's options (``evomerge.cli``) and the ``evolve`` flow's parameters
+(hence the deployment's) are generated from this model's fields (name, type, default,
+description, and ``cli(...)`` metadata for aliases and flag style). Upstream names keep their
+meaning; where upstream had an awkward name, evomerge adds a clearer one and keeps the old one as
+an alias on the command line (``--random-seed`` = ``--seed``, ``--force-population-size`` =
+``--popsize``).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import inspect
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Strategy = Literal["pool", "buffered", "serial"]
+SearcherName = Literal["cma-es", "random"]
+FlagStyle = Literal["pair", "single"]
+
+
+def cli(*aliases: str, flag: FlagStyle = "pair", name: str | None = None) -> dict[str, Any]:
+    """Command-line metadata of an option: extra spellings, the style of a boolean (``pair``:
+    ``--x/--no-x`` as upstream declares most; ``single``: ``--x`` only) and, where upstream
+    spelled it otherwise, the option's own name on the command line."""
+    return {"cli": {"aliases": list(aliases), "flag": flag, "name": name}}
 
 # Options whose feature is planned but not built: selecting one fails before any work starts.
 NOT_AVAILABLE_YET: dict[str, str] = {
@@ -30,36 +41,42 @@ class RunOptions(BaseModel):
     # --- mergekit-evolve options, same names and defaults -----------------------------------
     max_fevals: int = Field(100, description="Evaluation budget: candidates scored, at most.")
     vllm: bool = Field(False, description="Score with lm-eval's vllm backend.")
-    strategy: Strategy = Field("pool", description="Scheduling strategy: pool, buffered, serial.")
+    strategy: Strategy = Field("pool", description="Evaluation scheduling strategy.", json_schema_extra=cli("-s"))
     in_memory: bool = Field(False, description="Merge in memory into a resident model.")
-    num_gpus: int | None = Field(None, description="GPU slots to use (default: all GPUs).")
+    num_gpus: int | None = Field(None, description="GPU slots to use (default: every GPU of the cluster).")
     merge_cuda: bool = Field(True, description="Merge on the GPU when there is one.")
-    trust_remote_code: bool = Field(False, description="Let transformers run model code.")
+    trust_remote_code: bool = Field(False, description="Let transformers run code shipped with a model.")
     allow_crimes: bool = Field(False, description="Let mergekit merge unlike architectures.")
-    seed: int = Field(0, description="Seed of CMA-ES and of every random choice of the run.")
+    seed: int = Field(0, description="Seed of the searcher and of every random choice of the run.",
+                      json_schema_extra=cli("--random-seed"))
     batch_size: int | None = Field(None, description="lm-eval batch size (default: auto on GPU, 16 on CPU).")
     sigma0: float = Field(1 / 6, description="Initial CMA-ES step size.")
     wandb: bool = Field(False, description="Log to Weights & Biases.")
-    wandb_project: str | None = None
-    wandb_entity: str | None = None
+    wandb_project: str | None = Field(None, description="Weights & Biases project.")
+    wandb_entity: str | None = Field(None, description="Weights & Biases entity.")
     task_search_path: list[str] = Field(
-        default_factory=list, description="Folders with lm-eval task YAML files."
+        default_factory=list, description="Folder of lm-eval task YAMLs (repeatable)."
     )
     allow_benchmark_tasks: bool = Field(
-        False, description="Allow public benchmarks as objectives (upstream's long flag)."
+        False, description="Allow public benchmarks as objectives.",
+        json_schema_extra=cli(flag="single", name="--i-understand-the-depths-of-the-evils-i-am-unleashing"),
     )
-    save_final_model: bool = Field(True, description="Merge the best config at the end.")
+    save_final_model: bool = Field(True, description="Merge the best config into STORAGE_PATH/final_model at the end.")
     reshard: bool = Field(
-        True, description="Accepted for compatibility; mergekit reads sharded sources directly."
+        True, description="Accepted for compatibility; changes nothing (mergekit reads shards lazily)."
     )
     timeout: float | None = Field(
         None, description="Wall-time budget in seconds; no new generation starts after it."
     )
-    load_in_8bit: bool = False
-    load_in_4bit: bool = False
-    popsize: int | None = Field(None, description="CMA-ES population size (default: 4+3 ln n).")
+    load_in_8bit: bool = Field(False, description="Not available yet.", json_schema_extra=cli(flag="single"))
+    load_in_4bit: bool = Field(False, description="Not available yet.", json_schema_extra=cli(flag="single"))
+    popsize: int | None = Field(None, description="Population size (default: CMA-ES's 4 + 3 ln n).",
+                                json_schema_extra=cli("--force-population-size"))
 
     # --- evomerge's own ---------------------------------------------------------------------
+    searcher: SearcherName = Field(
+        "cma-es", description="What proposes candidates: CMA-ES, or uniform random search (a baseline)."
+    )
     ray_address: str | None = Field(
         None, description="Existing Ray cluster to use (default: start a local one)."
     )
@@ -172,3 +189,29 @@ class RunOptions(BaseModel):
             if getattr(self, name)
         ]
         return [NOT_AVAILABLE_YET[name] for name in chosen]
+
+
+def option_defaults() -> dict[str, Any]:
+    """Every option's default, as the flow and the CLI show it (a list option: None)."""
+    return {
+        name: None if field.default_factory is not None else field.default
+        for name, field in RunOptions.model_fields.items()
+    }
+
+
+def option_parameters() -> list[inspect.Parameter]:
+    """The options as keyword parameters (the evolve flow's signature, hence the deployment's
+    parameter schema)."""
+    return [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                          annotation=RunOptions.model_fields[name].annotation)
+        for name, default in option_defaults().items()
+    ]
+
+
+def options_from_parameters(values: dict[str, Any]) -> dict[str, Any]:
+    """Flow or CLI values -> RunOptions input: a list option given as None (or an empty tuple,
+    from a repeatable CLI option) means "none given"."""
+    return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in values.items()
+            if not (v is None and RunOptions.model_fields[k].default_factory is not None)}
+

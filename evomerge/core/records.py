@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from evomerge.core.config import EvolveConfig, TaskConfiguration
+from evomerge.core.fitness import NonFiniteMetricError, weighted_score
 
 RECORD_FORMAT_VERSION = 1
 
@@ -104,9 +105,6 @@ class EvaluationOutcome(BaseModel):
     status: Literal["ok", "failed"]
     metrics: dict[str, dict[str, float | None]] = Field(default_factory=dict)
     error: str | None = None
-    # A configuration error (e.g. a metric that no task produces) fails every candidate alike:
-    # the run stops at the first one instead of spending a generation on it.
-    fatal: bool = False
     timings: Timings = Field(default_factory=Timings)
     node: str = ""  # host name of the evaluating node
     slot: str = ""
@@ -147,3 +145,50 @@ class CandidateRecord(BaseModel):
     held_out: bool = False
     search_key: str = ""
     item_scores: dict[str, list[float]] = Field(default_factory=dict)
+
+    @classmethod
+    def from_outcome(
+        cls,
+        request: CandidateRequest,
+        outcome: EvaluationOutcome,
+        tasks: list[TaskConfiguration],
+        parameters: dict[str, float],
+        round_trip: float,
+        finished_at: float,
+    ) -> CandidateRecord:
+        """The record of a scored request; the fitness is computed here, once.
+
+        A NaN or infinite metric fails the candidate; a metric that no task produces is a
+        configuration error (``MissingMetricError``), raised for the caller to stop the run.
+        """
+        score, status, error = None, outcome.status, outcome.error
+        if status == "ok":
+            try:
+                score = weighted_score(outcome.metrics, tasks)
+            except NonFiniteMetricError as exc:
+                status, error = "failed", str(exc)
+        return cls(
+            key=request.key,
+            generation=request.generation,
+            index=request.index,
+            vector=request.vector,
+            parameters=parameters,
+            merge_config=request.merge_config,
+            status=status,
+            metrics=outcome.metrics,
+            score=score,
+            error=error,
+            timings=outcome.timings.model_copy(update={"round_trip": round_trip}),
+            node=outcome.node,
+            slot=outcome.slot,
+            merge_node_id=outcome.merge_node_id,
+            eval_node_id=outcome.eval_node_id,
+            attempts=outcome.attempts,
+            worker_deaths=outcome.worker_deaths,
+            finished_at=finished_at,
+            kind=request.kind,
+            label=request.label,
+            held_out=request.held_out,
+            search_key=request.search_key,
+            item_scores=outcome.item_scores,
+        )

@@ -8,8 +8,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-import yaml
-
 from evomerge.core.config import TaskConfiguration
 from evomerge.core.records import CandidateRecord
 from evomerge.core.references import PARENT_PREFIX, paired_difference, top_candidates
@@ -60,7 +58,10 @@ def generation_stats(
     return stats
 
 
-def best_config_markdown(record: CandidateRecord | None, evaluations: int, max_fevals: int) -> str:
+def best_config_markdown(
+    record: CandidateRecord | None, config_yaml: str, evaluations: int, max_fevals: int
+) -> str:
+    """``config_yaml``: the record's merge configuration as YAML (rendered by a backend)."""
     if record is None:
         return f"# Best merge so far\n\nNo candidate has succeeded yet ({evaluations} of {max_fevals} evaluations spent).\n"
     metrics = "\n".join(
@@ -68,13 +69,12 @@ def best_config_markdown(record: CandidateRecord | None, evaluations: int, max_f
         for task, values in sorted(record.metrics.items())
         for metric, value in sorted(values.items())
     )
-    config = yaml.safe_dump(record.merge_config, sort_keys=False, default_flow_style=None)
     return (
         f"# Best merge so far: fitness {record.score:.6f}\n\n"
         f"Candidate {record.generation}.{record.index} (key `{record.key}`), "
         f"after {evaluations} of {max_fevals} evaluations.\n\n"
         f"| task | metric | value |\n|---|---|---|\n{metrics}\n\n"
-        f"Merge it with `mergekit-yaml best_config.yaml OUTPUT_FOLDER`:\n\n```yaml\n{config}```\n"
+        f"Merge it with `mergekit-yaml best_config.yaml OUTPUT_FOLDER`:\n\n```yaml\n{config_yaml}```\n"
     )
 
 

@@ -20,6 +20,9 @@ _NOT_IN_FINGERPRINT = {
     "task_search_path", "candidate_timeout", "worker_retries",
     "generations_per_run", "baselines", "held_out_top",
 }
+# Options added after evomerge 0.1 that shape the search: in the fingerprint only when set away
+# from their default, so that a storage path written before they existed keeps its fingerprint.
+_IN_FINGERPRINT_WHEN_SET = {"searcher"}
 
 
 class ModelFacts(BaseModel):
@@ -68,7 +71,8 @@ class RunSpec(BaseModel):
 
     def fingerprint(self) -> str:
         """Identifies the search: same fingerprint, same trajectory for the same scores."""
-        shaping = self.options.model_dump(mode="json", exclude=_NOT_IN_FINGERPRINT)
+        shaping = self.options.model_dump(mode="json", exclude=_NOT_IN_FINGERPRINT | _IN_FINGERPRINT_WHEN_SET)
+        shaping.update(self.options.model_dump(mode="json", include=_IN_FINGERPRINT_WHEN_SET, exclude_defaults=True))
         payload = canonical_json(
             # Held-out tasks never reach CMA-ES: adding some continues the same search.
             {"config": self.config.model_dump(mode="json", exclude={"held_out_tasks"}), "options": shaping,

@@ -1,15 +1,19 @@
 """Between ask and tell: dedupe, skip recorded keys, never exceed the budget."""
 
-import numpy as np
 import pytest
 
+from evomerge.core.batch_plan import best_record, plan_batch
 from evomerge.core.config import GenomeDefinition, TaskConfiguration
 from evomerge.core.records import CandidateRecord, EvaluationSettings
-from evomerge.core.search_loop import best_record, plan_generation
 from evomerge.core.search_space import SearchSpace
+from evomerge.core.searcher import Suggestion
 
 SPACE = SearchSpace(GenomeDefinition(models=["/a", "/b"], merge_method="linear"), 4)
 SETTINGS = EvaluationSettings(tasks=[TaskConfiguration(name="t")])
+
+
+def suggestions(vectors, generation=0):
+    return [Suggestion(10 * generation + i, generation, i, tuple(v)) for i, v in enumerate(vectors)]
 
 
 def record(key, score, generation=0, index=0, status="ok"):
@@ -21,43 +25,35 @@ def record(key, score, generation=0, index=0, status="ok"):
 
 def test_equal_merges_share_one_key_and_one_evaluation():
     # |x| decoding: (0.3, -0.2) and (-0.3, 0.2) are the same merge
-    X = np.array([[0.3, -0.2], [-0.3, 0.2], [0.5, 0.5]])
-    plan = plan_generation(SPACE, SETTINGS, 0, X, frozenset(), budget_left=10)
+    plan = plan_batch(SPACE, SETTINGS, suggestions([[0.3, -0.2], [-0.3, 0.2], [0.5, 0.5]]), frozenset(), budget_left=10)
     assert plan.keys[0] == plan.keys[1] != plan.keys[2]
     assert [r.index for r in plan.to_evaluate] == [0, 2]
+    assert plan.suggestion_ids_by_key() == {plan.keys[0]: [0, 1], plan.keys[2]: [2]}
     assert plan.complete
 
 
 def test_recorded_keys_are_not_evaluated_again():
-    X = np.array([[0.3, 0.2], [0.5, 0.5]])
-    first = plan_generation(SPACE, SETTINGS, 0, X, frozenset(), budget_left=10)
-    again = plan_generation(SPACE, SETTINGS, 0, X, frozenset({first.keys[0]}), budget_left=10)
+    batch = suggestions([[0.3, 0.2], [0.5, 0.5]])
+    first = plan_batch(SPACE, SETTINGS, batch, frozenset(), budget_left=10)
+    again = plan_batch(SPACE, SETTINGS, batch, {first.keys[0]: record(first.keys[0], 0.1)}, budget_left=10)
     assert [r.index for r in again.to_evaluate] == [1]
 
 
-def test_budget_is_never_exceeded_and_cuts_the_generation():
-    X = np.array([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]])
-    plan = plan_generation(SPACE, SETTINGS, 4, X, frozenset(), budget_left=2)
-    assert [r.index for r in plan.to_evaluate] == [0, 1]
+def test_budget_is_never_exceeded_and_leaves_the_batch_incomplete():
+    plan = plan_batch(SPACE, SETTINGS, suggestions([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]], 4), frozenset(), budget_left=2)
+    assert [r.index for r in plan.to_evaluate] == [0, 1] and [r.generation for r in plan.to_evaluate] == [4, 4]
     assert not plan.complete
-    with pytest.raises(ValueError, match="incomplete"):
-        plan.scores({})
 
 
 def test_key_depends_on_evaluation_settings():
-    X = np.array([[0.3, 0.2]])
+    batch = suggestions([[0.3, 0.2]])
     other = EvaluationSettings(tasks=[TaskConfiguration(name="t")], limit=10)
-    a = plan_generation(SPACE, SETTINGS, 0, X, frozenset(), 1).keys[0]
-    b = plan_generation(SPACE, other, 0, X, frozenset(), 1).keys[0]
-    assert a != b
+    assert plan_batch(SPACE, SETTINGS, batch, frozenset(), 1).keys != plan_batch(SPACE, other, batch, frozenset(), 1).keys
 
 
-def test_scores_follow_asked_order_with_failure_penalty():
-    X = np.array([[0.1, 0.2], [0.3, 0.4], [0.1, 0.2]])
-    plan = plan_generation(SPACE, SETTINGS, 0, X, frozenset(), 10)
-    k0, k1 = plan.keys[0], plan.keys[1]
-    records = {k0: record(k0, None, status="failed"), k1: record(k1, 0.25)}
-    assert plan.scores(records) == [pytest.approx(-0.75), 0.25, pytest.approx(-0.75)]
+def test_an_empty_batch_is_refused():
+    with pytest.raises(ValueError, match="asked nothing"):
+        plan_batch(SPACE, SETTINGS, [], frozenset(), 1)
 
 
 def test_best_record_prefers_score_then_earliest():

@@ -1,4 +1,6 @@
-"""Flow ``generation``: one CMA-ES generation, fanned out over the slots on a RayTaskRunner.
+"""Flow ``evaluate``: one batch (a generation, the baselines, or the held-out scores) fanned out
+over the evaluation slots on a RayTaskRunner. Its runs are named after the batch:
+``generation-<n>``, ``baselines``, ``held-out``.
 
 Strategies (``--strategy``), each task tagged with its strategy, slot and node in the Prefect UI:
 
@@ -7,8 +9,8 @@ Strategies (``--strategy``), each task tagged with its strategy, slot and node i
   an ``evaluate-candidate`` task on the slot; the slot waits while its next candidate merges.
 - ``buffered``: the same two tasks, with one merge per slot running ahead of its evaluation.
 
-A slot takes its next candidate as soon as it is free; each result is recorded the moment it
-arrives.
+A slot takes its next candidate as soon as it is free; each result is recorded (and told to the
+searcher) the moment it arrives.
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ from prefect import flow, tags
 from prefect_ray.context import remote_options
 
 from evomerge.backends.dispatch import dispatch_pipelined, dispatch_to_slots, wait_for_first
-from evomerge.backends.prefect_artifacts import publish_candidates
+from evomerge.backends.prefect_artifacts import publish_batch
 from evomerge.backends.slot_pool import CandidatePolicy, SlotRef
 from evomerge.core.records import CandidateRecord, CandidateRequest, EvaluationOutcome, error_summary
+from evomerge.search_loop import Phase
 from evomerge.search_session import SearchSession
-from tasks.evaluate_candidate import evaluate_candidate
-from tasks.merge_and_evaluate import merge_and_evaluate
-from tasks.merge_candidate import merge_candidate
+from evomerge.tasks.evaluate_candidate import evaluate_candidate
+from evomerge.tasks.merge_and_evaluate import merge_and_evaluate
+from evomerge.tasks.merge_candidate import merge_candidate
 
 log = logging.getLogger("evomerge")
 
@@ -63,7 +66,7 @@ def _crashed_task_outcome(request: CandidateRequest, exc: Exception) -> Evaluati
     return EvaluationOutcome(status="failed", error=error_summary(exc))
 
 
-def dispatch(session: SearchSession, requests: list[CandidateRequest], slots: list[SlotRef]):
+def dispatch(session: SearchSession, requests: list[CandidateRequest], slots: list[SlotRef]) -> list[CandidateRecord]:
     """Run the requests on the slots by the run's strategy; each result is recorded as it arrives."""
     options = session.spec.options
     policy = CandidatePolicy.from_options(options)
@@ -96,14 +99,7 @@ def dispatch(session: SearchSession, requests: list[CandidateRequest], slots: li
     )
 
 
-@flow(name="generation", flow_run_name="generation-{generation}")
-def generation(
-    generation: int,
-    requests: list[CandidateRequest],
-    slots: list[SlotRef],
-    session_id: str,
-) -> list[CandidateRecord]:
+@flow(name="evaluate", flow_run_name="{phase.name}")
+def evaluate(phase: Phase, requests: list[CandidateRequest], slots: list[SlotRef], session_id: str) -> None:
     session = SearchSession.active(session_id)
-    records = dispatch(session, requests, slots)
-    publish_candidates(session, generation, records)
-    return records
+    publish_batch(session, phase, dispatch(session, requests, slots))

@@ -1,0 +1,269 @@
+"""Searchers: what proposes candidate vectors and learns from their scores (pure).
+
+The protocol follows Ray Tune's ``Searcher`` and optuna's samplers: the searcher knows nothing of
+execution. ``ask()`` returns the suggestions it wants evaluated now (each with an id), possibly
+none while it waits for results; ``tell(id, score)`` reports one result at a time, as it arrives,
+``None`` for a failed candidate. When a searcher has what it needs to move on (CMA-ES: every
+candidate of its generation), ``tell`` returns the ``SearchStep`` it took: plain data that a
+checkpoint stores, and that ``replay`` takes again on a new searcher of the same seed, checking
+bit for bit that it asks the same vectors and ends in the same state (no optimizer object is
+ever serialised; no pickle).
+
+>>> searcher = CmaEsSearcher(x0=[0.5, 0.5], sigma0=0.2, seed=1, popsize=4)
+>>> suggestions = searcher.ask()
+>>> [s.id for s in suggestions], searcher.ask()
+([0, 1, 2, 3], [])
+>>> steps = [searcher.tell(s.id, -sum(v * v for v in s.vector)) for s in suggestions]
+>>> steps[-1].generation, searcher.generation
+(0, 1)
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from evomerge.core.fitness import scores_for_optimizer
+
+with warnings.catch_warnings():
+    # pycma warns at import when matplotlib is missing; evomerge plots nothing with it.
+    warnings.simplefilter("ignore")
+    import cma
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """One vector the searcher wants scored. ``id`` counts every suggestion of the search."""
+
+    id: int
+    generation: int
+    index: int  # position within its generation
+    vector: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class SearchStep:
+    """What the searcher was told in one step and where it ended: a checkpoint's content.
+
+    ``sigma_after`` and ``mean_after`` are CMA-ES's step size and mean after the step (None for
+    searchers without them); replay checks them.
+    """
+
+    generation: int
+    vectors: tuple[tuple[float, ...], ...]  # every asked vector, in the order asked
+    scores_told: tuple[float, ...]  # failures already replaced by the penalty
+    sigma_after: float | None = None
+    mean_after: tuple[float, ...] | None = None
+
+
+class ReplayMismatchError(ValueError):
+    """Replaying a stored step through this searcher does not reproduce it (another seed, pycma
+    or evomerge version wrote it)."""
+
+
+class Searcher(Protocol):
+    """Proposes vectors, learns from scores (higher is better)."""
+
+    name: str
+    dimension: int
+    popsize: int  # suggestions per generation
+
+    @property
+    def generation(self) -> int:
+        """Steps taken so far (generations told)."""
+
+    def ask(self) -> list[Suggestion]:
+        """Suggestions to evaluate now; ``[]`` while the searcher waits for results."""
+
+    def tell(self, suggestion_id: int, score: float | None) -> SearchStep | None:
+        """One result (``None``: the candidate failed); the step taken, if this completed one."""
+
+    def replay(self, step: SearchStep) -> None:
+        """Take a stored step again: ask, check the vectors, tell its scores, check the state."""
+
+
+class _GenerationBuffer:
+    """One generation's suggestions and the scores told so far, in any order."""
+
+    def __init__(self, generation: int, first_id: int, vectors: np.ndarray):
+        self.generation = generation
+        self.first_id = first_id
+        self.vectors = vectors
+        self.scores: list[float | None] = [None] * len(vectors)
+        self.told = [False] * len(vectors)
+
+    def suggestions(self) -> list[Suggestion]:
+        return [
+            Suggestion(self.first_id + i, self.generation, i, tuple(float(v) for v in x))
+            for i, x in enumerate(self.vectors)
+        ]
+
+    def tell(self, suggestion_id: int, score: float | None) -> bool:
+        """Record a score; returns whether the generation is now complete."""
+        i = suggestion_id - self.first_id
+        if not 0 <= i < len(self.vectors):
+            raise ValueError(f"suggestion {suggestion_id} is not in generation {self.generation}")
+        if self.told[i]:
+            raise ValueError(f"suggestion {suggestion_id} was told already")
+        if score is not None and not np.isfinite(score):
+            raise ValueError(f"suggestion {suggestion_id}: a score must be finite (None for a failure)")
+        self.scores[i], self.told[i] = score, True
+        return all(self.told)
+
+
+class _Generational:
+    """Asks a whole generation, waits for every score, then steps (a synchronous barrier)."""
+
+    name = "generational"
+    dimension: int
+
+    def __init__(self) -> None:
+        self._open: _GenerationBuffer | None = None
+        self._next_id = 0
+        self._generation = 0
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    def ask(self) -> list[Suggestion]:
+        if self._open is not None:
+            return []  # the open generation is not told yet
+        vectors = self._draw()
+        self._open = _GenerationBuffer(self._generation, self._next_id, vectors)
+        self._next_id += len(vectors)
+        return self._open.suggestions()
+
+    def tell(self, suggestion_id: int, score: float | None) -> SearchStep | None:
+        if self._open is None:
+            raise ValueError("tell() without an open generation; ask() first")
+        if not self._open.tell(suggestion_id, score):
+            return None
+        buffer, self._open = self._open, None
+        scores = np.asarray(scores_for_optimizer(buffer.scores), dtype=float)
+        self._learn(buffer.vectors, scores)
+        self._generation += 1
+        return self._step(buffer.generation, buffer.vectors, scores)
+
+    def replay(self, step: SearchStep) -> None:
+        suggestions = self.ask()
+        asked = np.array([s.vector for s in suggestions], dtype=float)
+        if step.generation != self._generation or not np.array_equal(asked, np.asarray(step.vectors, dtype=float)):
+            self._open = None
+            raise ReplayMismatchError(
+                f"{self.name} with this seed asks other vectors in generation {self._generation} than "
+                "were stored"
+            )
+        buffer, self._open = self._open, None
+        assert buffer is not None
+        scores = np.asarray(step.scores_told, dtype=float)
+        self._learn(buffer.vectors, scores)
+        self._generation += 1
+        replayed = self._step(buffer.generation, buffer.vectors, scores)
+        if (replayed.sigma_after, replayed.mean_after) != (step.sigma_after, step.mean_after):
+            raise ReplayMismatchError(
+                f"replaying generation {step.generation} through {self.name} does not reproduce the "
+                "stored state (another pycma or numpy version?)"
+            )
+
+    # what a concrete searcher provides
+    def _draw(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def _learn(self, vectors: np.ndarray, scores: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _step(self, generation: int, vectors: np.ndarray, scores: np.ndarray) -> SearchStep:
+        return SearchStep(generation, _rows(vectors), tuple(float(s) for s in scores))
+
+
+class CmaEsSearcher(_Generational):
+    """CMA-ES (pycma's ``CMAEvolutionStrategy``), maximising the score.
+
+    Seeding: pycma draws its samples through the ``randn`` option, which is bound to a private
+    ``numpy.random.Generator``; ``seed=nan`` stops pycma from reseeding numpy's global generator.
+    Two searchers built with the same seed and told the same scores ask the same vectors, bit for
+    bit, whatever else in the process uses ``numpy.random`` (lm-eval reseeds it on every
+    evaluation).
+    """
+
+    name = "cma-es"
+
+    def __init__(self, x0: Sequence[float], sigma0: float, seed: int, popsize: int | None = None):
+        super().__init__()
+        start = np.asarray(x0, dtype=float)
+        self.dimension = start.size
+        self._rng = np.random.default_rng(seed)
+        # pycma refuses 1-D problems; a single free value (slerp, one layer group) gets a second,
+        # inert coordinate that decoding never reads.
+        self._padded = start.size == 1
+        if self._padded:
+            start = np.append(start, 0.0)
+        options = {
+            "seed": np.nan,  # never touch numpy's global generator
+            "randn": lambda *shape: self._rng.standard_normal(shape),
+            "verbose": -9,
+            "verb_disp": 0,
+            "verb_log": 0,
+            "signals_filename": "",  # pycma would otherwise read options from a file in the cwd
+            "tolflatfitness": 10**9,  # scores plateau on small eval sets; the budget decides
+        }
+        if popsize is not None:
+            options["popsize"] = popsize
+        self._es = cma.CMAEvolutionStrategy(start, sigma0, options)
+        self._asked_padded: np.ndarray | None = None
+
+    @property
+    def popsize(self) -> int:
+        return int(self._es.popsize)
+
+    @property
+    def sigma(self) -> float:
+        return float(self._es.sigma)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return np.asarray(self._es.mean, dtype=float)[: self.dimension]
+
+    def _draw(self) -> np.ndarray:
+        self._asked_padded = np.array(self._es.ask(), dtype=float)
+        return self._asked_padded[:, : self.dimension].copy()
+
+    def _learn(self, vectors: np.ndarray, scores: np.ndarray) -> None:
+        assert self._asked_padded is not None
+        self._es.tell(list(self._asked_padded), list(-scores))  # pycma minimizes
+        self._asked_padded = None
+
+    def _step(self, generation: int, vectors: np.ndarray, scores: np.ndarray) -> SearchStep:
+        return SearchStep(generation, _rows(vectors), tuple(float(s) for s in scores),
+                          self.sigma, tuple(float(m) for m in self.mean))
+
+
+class RandomSearcher(_Generational):
+    """Uniform random vectors in a box, one batch of ``popsize`` at a time: the baseline every
+    search method must beat at the same budget."""
+
+    name = "random"
+
+    def __init__(self, lower: Sequence[float], upper: Sequence[float], seed: int, popsize: int):
+        super().__init__()
+        self.lower, self.upper = np.asarray(lower, dtype=float), np.asarray(upper, dtype=float)
+        if self.lower.shape != self.upper.shape or not np.all(self.upper > self.lower):
+            raise ValueError("random search needs lower < upper in every coordinate")
+        self.dimension = self.lower.size
+        self.popsize = popsize
+        self._rng = np.random.default_rng(seed)
+
+    def _draw(self) -> np.ndarray:
+        return self.lower + (self.upper - self.lower) * self._rng.random((self.popsize, self.dimension))
+
+    def _learn(self, vectors: np.ndarray, scores: np.ndarray) -> None:
+        """Random search learns nothing."""
+
+
+def _rows(vectors: np.ndarray) -> tuple[tuple[float, ...], ...]:
+    return tuple(tuple(float(v) for v in row) for row in vectors)

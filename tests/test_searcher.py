@@ -1,0 +1,120 @@
+"""The Searcher protocol: seeded, private randomness; results told one at a time in any order;
+steps replayed bit for bit; CMA-ES and random search behind the same calls."""
+
+import numpy as np
+import pytest
+
+from evomerge.core.searcher import CmaEsSearcher, RandomSearcher, ReplayMismatchError
+
+
+def quadratic(vector) -> float:
+    return -float(((np.asarray(vector) - 0.1) ** 2).sum())
+
+
+def drive(searcher, generations, score=quadratic, order=lambda suggestions: suggestions, fail=lambda s: False):
+    """Ask, then tell each result (in ``order``); returns every asked vector and the steps."""
+    asked, steps = [], []
+    for _ in range(generations):
+        suggestions = searcher.ask()
+        np.random.rand(7)  # other code using numpy's global generator must not matter
+        asked.append([s.vector for s in suggestions])
+        for s in order(suggestions):
+            step = searcher.tell(s.id, None if fail(s) else score(s.vector))
+        steps.append(step)
+    return np.array(asked), steps
+
+
+def cma(seed=3, dim=4, popsize=6):
+    return CmaEsSearcher(np.full(dim, 0.5), 0.2, seed=seed, popsize=popsize)
+
+
+def test_same_seed_same_trajectory_whatever_the_global_generator_does():
+    np.random.seed(1)
+    a, _ = drive(cma(), 5)
+    np.random.seed(99)
+    b, _ = drive(cma(), 5)
+    assert np.array_equal(a, b)
+
+
+def test_other_seed_other_trajectory():
+    assert not np.array_equal(drive(cma(seed=3), 5)[0], drive(cma(seed=4), 5)[0])
+
+
+def test_the_order_results_arrive_in_does_not_change_a_generational_search():
+    a, steps_a = drive(cma(), 5)
+    b, steps_b = drive(cma(), 5, order=lambda s: list(reversed(s)))
+    assert np.array_equal(a, b) and steps_a == steps_b
+
+
+def test_it_maximizes_the_score():
+    searcher = cma(seed=0)
+    drive(searcher, 40)
+    assert np.abs(searcher.mean - 0.1).max() < 0.05
+
+
+def test_one_dimensional_problems_work():
+    searcher = CmaEsSearcher([0.5], 0.3, seed=0, popsize=4)
+    asked, _ = drive(searcher, 30, score=lambda v: -(v[0] - 0.8) ** 2)
+    assert asked.shape == (30, 4, 1)
+    assert abs(searcher.mean[0] - 0.8) < 0.05
+
+
+def test_a_generation_steps_once_every_result_is_told_and_failures_rank_last():
+    searcher = cma(popsize=4)
+    suggestions = searcher.ask()
+    assert [s.id for s in suggestions] == [0, 1, 2, 3] and [s.index for s in suggestions] == [0, 1, 2, 3]
+    assert searcher.ask() == [], "the open generation waits for its results"
+    assert searcher.tell(2, 0.5) is None and searcher.tell(0, None) is None and searcher.tell(3, 0.2) is None
+    step = searcher.tell(1, 0.9)
+    assert step.generation == 0 and searcher.generation == 1
+    assert step.scores_told == (pytest.approx(-0.8), 0.9, 0.5, 0.2), "failed: the worst success - 1"
+    assert step.sigma_after == searcher.sigma and step.mean_after == tuple(searcher.mean)
+    assert [s.id for s in searcher.ask()] == [4, 5, 6, 7]
+
+
+def test_tell_refuses_what_was_not_asked_twice_told_or_not_finite():
+    searcher = cma(popsize=4)
+    with pytest.raises(ValueError, match="ask"):
+        searcher.tell(0, 1.0)
+    searcher.ask()
+    with pytest.raises(ValueError, match="not in generation 0"):
+        searcher.tell(4, 1.0)
+    with pytest.raises(ValueError, match="finite"):
+        searcher.tell(0, float("nan"))
+    searcher.tell(0, 1.0)
+    with pytest.raises(ValueError, match="told already"):
+        searcher.tell(0, 1.0)
+
+
+@pytest.mark.parametrize("make", [cma, lambda: RandomSearcher(np.zeros(3), np.ones(3), seed=5, popsize=4)])
+def test_replaying_the_steps_rebuilds_the_same_searcher_bit_for_bit(make):
+    original = make()
+    _, steps = drive(original, 4, fail=lambda s: s.index == 1)
+    resumed = make()
+    for step in steps:
+        resumed.replay(step)
+    assert resumed.generation == original.generation == 4
+    assert np.array_equal(drive(resumed, 2)[0], drive(original, 2)[0]), "both continue identically"
+
+
+def test_a_step_from_another_seed_or_state_is_refused():
+    _, steps = drive(cma(seed=3), 2)
+    with pytest.raises(ReplayMismatchError, match="other vectors"):
+        cma(seed=4).replay(steps[0])
+    tampered = steps[0].__class__(**{**steps[0].__dict__, "sigma_after": steps[0].sigma_after * 2})
+    with pytest.raises(ReplayMismatchError, match="does not reproduce"):
+        cma(seed=3).replay(tampered)
+
+
+def test_random_search_draws_uniformly_in_its_box_and_learns_nothing():
+    searcher = RandomSearcher([0.0, -1.0], [1.0, 1.0], seed=0, popsize=50)
+    asked, steps = drive(searcher, 4)
+    assert asked.shape == (4, 50, 2)
+    assert asked[..., 0].min() >= 0 and asked[..., 0].max() < 1 and asked[..., 1].min() >= -1
+    assert steps[-1].sigma_after is None and steps[-1].mean_after is None
+    with pytest.raises(ValueError, match="lower < upper"):
+        RandomSearcher([0.0], [0.0], seed=0, popsize=2)
+
+
+def test_default_population_size_is_pycmas():
+    assert CmaEsSearcher(np.zeros(12), 0.2, seed=0).popsize == 4 + int(3 * np.log(12))
