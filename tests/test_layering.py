@@ -15,6 +15,7 @@ def test_core_imports_without_torch_ray_prefect_lm_eval():
         "            raise ImportError(f'blocked: {name}')\n"
         "sys.meta_path.insert(0, Block())\n"
         "import evomerge.core.config, evomerge.core.options, evomerge.core.search_space\n"
+        "import evomerge.core.merge_methods\n"
         "import evomerge.core.optimizer, evomerge.core.fitness, evomerge.core.records\n"
         "import evomerge.core.search_loop, evomerge.core.run_spec\n"
         f"print(sorted(set(m.split('.')[0] for m in sys.modules) & set({BLOCKED!r})) or 'ok')\n"
