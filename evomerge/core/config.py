@@ -93,11 +93,11 @@ class GenomeDefinition(_Strict):
             )
         _check_count(method, self.sources, method.sources, "models")
         others = self.non_base_models
-        if method.weighted[0] >= 1 and not others:
+        if method.non_base[0] >= 1 and not others:
             raise ValueError(
                 "genome.models holds only the base model; list the fine-tuned models to merge"
             )
-        _check_count(method, others, method.weighted, "models besides the base model")
+        _check_count(method, others, method.non_base, "models besides the base model")
         if method.per_group and (self.smooth or self.filters):
             raise ValueError(
                 f"merge_method {name!r} supports neither 'smooth' nor 'filters' (it searches "

@@ -84,11 +84,12 @@ class MergeMethod:
     ``optional`` (with a base the method works on task vectors; the base gets no parameters),
     ``unused`` (no base: every listed model gets parameters), ``first_model`` (slerp: the
     base, or the first model when none is given, is the start of the interpolation).
-    ``sources``: (min, max) distinct models including the base; ``weighted``: (min, max) models
+    ``sources``: (min, max) distinct models including the base; ``non_base``: (min, max) models
     besides the base (``None``: no maximum). ``normalize_default``: mergekit's default for
-    ``normalize``, except for dare_ties, where it is upstream mergekit-evolve's (true) (``None``: the method has no such option, and genome.normalize is ignored, as
-    upstream did). ``options``: mergekit parameters written as is (int8_mask: a memory saving,
-    same result). ``random``: the method draws from torch's global generator (the run's seed
+    ``normalize``, except for dare_ties, where it is upstream mergekit-evolve's (true); ``None``:
+    the method has no such option, and genome.normalize is ignored, as upstream did.
+    ``options``: mergekit parameters written as is (int8_mask: a memory saving, same result).
+    ``random``: the method draws from torch's global generator (the run's seed
     makes it repeatable; in memory it is seeded the way ``run_merge`` seeds it).
     """
 
@@ -97,16 +98,11 @@ class MergeMethod:
     per_group: tuple[Parameter, ...] = ()
     base: Base = "unused"
     sources: tuple[int, int | None] = (1, None)
-    weighted: tuple[int, int | None] = (1, None)
+    non_base: tuple[int, int | None] = (1, None)
     normalize_default: bool | None = None
     options: tuple[tuple[str, object], ...] = ()
     random: bool = False
     count_hint: str = ""  # what to do when the model count is wrong
-    description: str = ""
-
-    @property
-    def parameter_names(self) -> tuple[str, ...]:
-        return tuple(p.name for p in (*self.per_group, *self.per_model))
 
     def parameter(self, name: str) -> Parameter:
         return next(p for p in (*self.per_group, *self.per_model) if p.name == name)
@@ -123,7 +119,7 @@ class NotSearchable:
 
 
 # --- parameters ---------------------------------------------------------------------------------
-WEIGHT = Parameter("weight", "1/k", "weight", lower=0.0, upper=None, description="weight")
+WEIGHT = Parameter("weight", "1/k", "weight", lower=0.0, upper=None, description="the model's weight")
 DENSITY = Parameter(
     "density", 1.0, "abs_fraction", description="fraction of the task vector kept"
 )
@@ -138,9 +134,11 @@ EPSILON = Parameter(
     within_density_margin=True,
     description="spread of the keep probability around the density, by magnitude rank",
 )
-T = Parameter("t", 0.5, "fraction", description="interpolation from the base (0) to the other model (1)")
+T = Parameter(
+    "t", 0.5, "fraction", description="interpolation from the base (0) to the other model (1)"
+)
 SELECT_TOPK = Parameter(
-    "select_topk", 1.0, "abs_fraction", description="fraction of entries kept, by variance across models"
+    "select_topk", 1.0, "abs_fraction", description="fraction of entries kept, by variance"
 )
 
 _INT8_MASK = (("int8_mask", True),)
@@ -154,7 +152,6 @@ def _task_arithmetic(
         name=name,
         per_model=(WEIGHT, *sparsification),
         base="required",
-        weighted=(1, None),
         normalize_default=normalize,
         options=_INT8_MASK,
         random=random,
@@ -177,24 +174,18 @@ _METHODS = (
         per_group=(T,),
         base="first_model",
         sources=(2, 2),
-        weighted=(0, None),
+        non_base=(0, None),
         count_hint="list two models, or use 'linear' or 'task_arithmetic'",
     ),
     MergeMethod(
         name="nuslerp",
         per_model=(WEIGHT,),
         base="optional",
-        weighted=(2, 2),
+        non_base=(2, 2),
         count_hint="list two models besides the base, or use 'multislerp'",
     ),
-    MergeMethod(name="multislerp", per_model=(WEIGHT,), base="optional", weighted=(1, None)),
-    MergeMethod(
-        name="sce",
-        per_group=(SELECT_TOPK,),
-        base="required",
-        weighted=(1, None),
-        options=_INT8_MASK,
-    ),
+    MergeMethod(name="multislerp", per_model=(WEIGHT,), base="optional"),
+    MergeMethod(name="sce", per_group=(SELECT_TOPK,), base="required", options=_INT8_MASK),
 )
 METHODS: dict[str, MergeMethod] = {m.name: m for m in _METHODS}
 

@@ -240,7 +240,7 @@ class SearchSpace:
             if self.method.per_group:
                 shared = {p.name: table[(g, None, None, p.name)] for p in self.method.per_group}
                 if "t" in shared and self.genome.tokenizer_source is not None:
-                    # mergekit merges tokenizers by source weight; give it the interpolation weights.
+                    # mergekit merges tokenizers by source weight: give it the interpolation's
                     sources[0]["parameters"] = {"weight": 1.0 - shared["t"]}
                     sources[1]["parameters"] = {"weight": shared["t"]}
                 slice_["parameters"] = shared
