@@ -153,6 +153,7 @@ def test_newer_methods_start_at_mergekits_defaults_with_uniform_weights():
     assert make_space("nuslerp").initial_point().tolist() == [0.5] * 8
     assert make_space("multislerp_without_base").initial_point().tolist() == [1 / 3] * 12
     assert make_space("sce").initial_point().tolist() == [1.0] * 4
+    assert della.domains()[:3] == [(0.0, None), (0.0, 1.0), (0.0, 0.5)]
 
 
 def test_della_epsilon_is_capped_by_its_density():
