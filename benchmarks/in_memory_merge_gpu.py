@@ -154,7 +154,7 @@ def main() -> None:
         on_disk = loaded.state_dict()
         identical = all(torch.equal(t, on_disk[name]) for name, t in resident.state_dict().items() if name in on_disk)
         del loaded, on_disk
-        merger = None  # frees its sources and task vectors before the next method
+        merger = None  # frees its sources before the next method
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
         print(f"| {method} | {memory_seconds:.3f} | {merge_seconds:.2f} | {load_seconds:.2f} | "

@@ -35,10 +35,11 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "examples" / "tiny"))
 
 from evomerge.backends.merger_memory import InMemoryMerger
+from evomerge.core import merge_methods
 from evomerge.core.config import GenomeDefinition
 from evomerge.core.search_space import SearchSpace
 
-METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "slerp")
+METHODS = tuple(merge_methods.METHODS)  # every searchable method
 
 
 def tiny_models(folder: str | None) -> dict[str, Path]:
@@ -103,9 +104,9 @@ def configs(models: dict[str, Path], granularity: int) -> dict[str, dict]:
     rng = np.random.default_rng(0)
     for method in METHODS:
         genome = {"merge_method": method, "layer_granularity": granularity, "models": [a, b]}
-        if method == "linear":
+        if merge_methods.METHODS[method].base == "unused":
             genome["models"] = [base, a, b]
-        elif method != "slerp":
+        elif merge_methods.METHODS[method].base in ("required", "optional"):
             genome["base_model"] = base
         space = SearchSpace(GenomeDefinition(**genome), layers, "float32")
         x = rng.uniform(0.2, 0.9, space.dimension)

@@ -48,6 +48,15 @@ def test_upstream_example_config_parses_with_upstream_defaults():
         (genome(models=["/a", "/a"]), "lists a model twice"),
         (genome(merge_method="ties", models=["/base"], base_model="/base"), "only the base model"),
         (genome(layer_granularty=2), "layer_granularty: unknown key"),
+        # the newer methods' needs, from the merge-method registry
+        (genome(merge_method="model_stock", base_model="/c"), "'model_stock' cannot be searched: it takes no weights"),
+        (genome(merge_method="karcher"), "'karcher' cannot be searched"),
+        (genome(merge_method="sce"), "'sce' needs genome.base_model"),
+        (genome(merge_method="della"), "'della' needs genome.base_model"),
+        (genome(merge_method="nuslerp", models=["/a", "/b", "/c"]), "exactly two models besides the base model, got 3"),
+        (genome(merge_method="nuslerp", models=["/a", "/c"], base_model="/c"), "exactly two models besides the base model, got 1"),
+        (genome(base_model="/c"), "'linear' merges the listed models and has no base model"),
+        (genome(merge_method="sce", base_model="/c", filters=["mlp"]), "'sce' supports neither 'smooth' nor 'filters'"),
     ],
 )
 def test_genome_errors_name_the_field_and_the_fix(genome_values, fragment):
@@ -90,6 +99,11 @@ def test_normalize_defaults_follow_upstream():
     assert GenomeDefinition(**genome()).effective_normalize is True
     assert GenomeDefinition(**genome(merge_method="task_arithmetic", base_model="/c")).effective_normalize is False
     assert GenomeDefinition(**genome(merge_method="ties", base_model="/c", normalize=False)).effective_normalize is False
+    assert GenomeDefinition(**genome(merge_method="dare_ties", base_model="/c")).effective_normalize is True
+    # newer methods: mergekit's defaults; none for methods without the option (normalize ignored)
+    assert GenomeDefinition(**genome(merge_method="della", base_model="/c")).effective_normalize is True
+    assert GenomeDefinition(**genome(merge_method="dare_linear", base_model="/c")).effective_normalize is False
+    assert GenomeDefinition(**genome(merge_method="nuslerp", normalize=True)).effective_normalize is None
 
 
 def test_benchmark_tasks_are_flagged_like_upstream():

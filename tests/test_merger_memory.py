@@ -19,13 +19,16 @@ from safetensors.torch import load_file, save_file
 
 from evomerge.backends.merger_disk import DiskMerger
 from evomerge.backends.merger_memory import InMemoryMerger, MergeStats
+from evomerge.core import merge_methods
 from evomerge.core.config import EvolveConfig
 from evomerge.core.options import RunOptions
 from evomerge.core.search_space import SearchSpace
 
 NUM_LAYERS = 4
 OUTSIDE_LAYERS = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
-EXACT_METHODS = ("linear", "task_arithmetic", "ties", "slerp")
+# Every searchable method, random ones included: in memory they draw what run_merge draws.
+METHODS = tuple(merge_methods.METHODS)
+SEED = RunOptions().seed  # DiskMerger(RunOptions()) seeds run_merge with it
 
 
 # --- fixtures -------------------------------------------------------------------------------------
@@ -80,11 +83,12 @@ def make_space(
 ) -> SearchSpace:
     experts = [sources["shift_expert"], sources["rev_expert"]]
     spec = {"merge_method": method, "layer_granularity": granularity, **genome}
-    if method == "linear":
+    base = merge_methods.METHODS[method].base
+    if base == "unused":
         spec.setdefault("models", [sources["base"], *experts])
     else:
         spec.setdefault("models", experts)
-    if method in ("task_arithmetic", "ties", "dare_ties"):
+    if base in ("required", "optional"):
         spec.setdefault("base_model", sources["base"])
     config = EvolveConfig.model_validate({"genome": spec, "tasks": ["tiny_shift"]})
     return SearchSpace(config.genome, NUM_LAYERS, dtype)
@@ -116,14 +120,14 @@ def assert_identical(mine: dict[str, torch.Tensor], reference: dict[str, torch.T
 
 # --- exactness against run_merge ------------------------------------------------------------------
 @pytest.mark.parametrize("granularity", [1, 2])
-@pytest.mark.parametrize("method", EXACT_METHODS)
+@pytest.mark.parametrize("method", METHODS)
 def test_merge_equals_mergekit_on_disk_bit_for_bit(
     method, granularity, sources, merger, disk_merger, tmp_path
 ):
     space = make_space(sources, method, granularity)
     for i, config in enumerate(sample_configs(space, n=3, seed=granularity)):
         reference = merge_on_disk(disk_merger, config, tmp_path / f"c{i}")
-        assert_identical(merger.merged_tensors(config), reference)
+        assert_identical(merger.merged_tensors(config, seed=SEED), reference)
 
 
 VARIANTS = {
@@ -147,6 +151,11 @@ VARIANTS = {
     "linear_bf16": {"method": "linear", "granularity": 2, "dtype": "bfloat16"},
     "ties_bf16": {"method": "ties", "granularity": 1, "dtype": "bfloat16"},
     "slerp_bf16": {"method": "slerp", "granularity": 1, "dtype": "bfloat16"},
+    "dare_ties_bf16": {"method": "dare_ties", "granularity": 2, "dtype": "bfloat16"},
+    "della_filters": {"method": "della", "granularity": 2, "filters": ["mlp"]},
+    "breadcrumbs_smooth": {"method": "breadcrumbs", "granularity": 2, "smooth": True},
+    "nuslerp_without_base": {"method": "nuslerp", "granularity": 2, "base_model": None},
+    "multislerp_without_base": {"method": "multislerp", "granularity": 2, "base_model": None},
 }
 
 
@@ -164,7 +173,7 @@ def test_filters_gradients_and_bf16_also_match_exactly(
     )
     for i, config in enumerate(sample_configs(space, n=2, seed=7)):
         reference = merge_on_disk(disk_merger, config, tmp_path / f"c{i}")
-        assert_identical(merger.merged_tensors(config), reference)
+        assert_identical(merger.merged_tensors(config, seed=SEED), reference)
 
 
 def test_slerp_of_colinear_tensors_interpolates_linearly(sources, disk_merger, tmp_path):
@@ -233,7 +242,7 @@ def test_tensors_outside_the_layers_follow_the_first_and_last_slice(
 
 
 # --- the resident model ---------------------------------------------------------------------------
-@pytest.mark.parametrize("method", EXACT_METHODS)
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare_ties", "slerp"])
 def test_resident_model_scores_like_a_reload_of_the_disk_merge(
     method, sources, merger, disk_merger, resident, tmp_path
 ):
@@ -244,7 +253,7 @@ def test_resident_model_scores_like_a_reload_of_the_disk_merge(
     reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
     pointers = {name: p.data_ptr() for name, p in resident.named_parameters()}
 
-    stats = merger.merge_into(config, resident)
+    stats = merger.merge_into(config, resident, seed=SEED)
 
     assert isinstance(stats, MergeStats)
     assert stats.tensors == len(pointers) and stats.bytes_written == sum(
@@ -320,91 +329,33 @@ def test_tied_embeddings_follow_the_merged_embedding_table(tiny_models, disk_mer
         assert torch.equal(resident(input_ids=ids).logits, reloaded(input_ids=ids).logits)
 
 
-# --- dare_ties: same distribution as mergekit's ---------------------------------------------------
-def dare_config(sources, densities: list[float], experts: list[str]) -> dict:
-    space = make_space(sources, "dare_ties", 2, models=[sources[e] for e in experts])
-    x = []
-    for density in densities:  # one group after another; per model (weight, density)
-        x += [0.8, density] * len(experts)
-    return space.decode(np.array(x))
+# --- random methods: seeded as run_merge seeds them ----------------------------------------------
+def dense_enough_to_drop(sources, method: str) -> dict:
+    """A configuration whose densities are well below 1 in every group: most entries are drawn."""
+    space = make_space(sources, method, 2)
+    x = np.array([0.4 if c.parameter == "density" else 0.6 for c in space.coordinates])
+    return space.decode(x)
 
 
-def layer_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in state.items() if ".layers." in k and "norm" not in k}
+@pytest.mark.parametrize("method", [m for m in METHODS if merge_methods.METHODS[m].random])
+def test_random_methods_draw_what_run_merge_draws_for_the_seed(method, sources, merger, tmp_path):
+    config = dense_enough_to_drop(sources, method)
+    for seed in (3, 4):
+        disk = DiskMerger(RunOptions(seed=seed), use_cuda=False)
+        reference = merge_on_disk(disk, config, tmp_path / str(seed))
+        assert_identical(merger.merged_tensors(config, seed=seed), reference)
+    # the seed matters, and the caller's generator is left as it was
+    state = torch.random.get_rng_state()
+    first, second = merger.merged_tensors(config, seed=3), merger.merged_tensors(config, seed=4)
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+    assert torch.equal(torch.random.get_rng_state(), state)
 
 
-def group_of(name: str) -> int:
-    return int(name.split(".layers.")[1].split(".")[0]) // 2
-
-
-def test_dare_keeps_density_and_rescales_to_the_l1_norm_like_mergekit(
-    sources, merger, disk_merger, tmp_path
-):
-    densities = [0.3, 0.7]
-    config = dare_config(sources, densities, ["shift_expert"])
-    base = load_file(Path(sources["base"]) / "model.safetensors")
-    expert = load_file(Path(sources["shift_expert"]) / "model.safetensors")
-    merges = {
-        "memory": merger.merged_tensors(config, seed=1),
-        "disk": merge_on_disk(disk_merger, config, tmp_path / "dare"),
-    }
-    kept = {label: [0, 0] for label in merges}  # group 1 (density 0.7): kept, total
-    for label, merged in merges.items():
-        for name, tensor in layer_tensors(merged).items():
-            delta = expert[name] - base[name]
-            survived = (tensor - base[name]) != 0
-            density = densities[group_of(name)]
-            n = delta.numel()
-            fraction = survived.float().mean().item()
-            # binomial: within 6 standard deviations of the density
-            assert abs(fraction - density) < 6 * (density * (1 - density) / n) ** 0.5 + 1 / n, (
-                label,
-                name,
-            )
-            # survivors are the task vector scaled to keep its L1 norm (about 1 / density)
-            factor = delta.abs().sum() / delta[survived].abs().sum()
-            ratio = ((tensor - base[name])[survived] / delta[survived]).median()
-            assert ratio.item() == pytest.approx(factor.item(), rel=1e-3), (label, name)
-            assert factor.item() == pytest.approx(1 / density, rel=0.2), (label, name)
-            if group_of(name) == 1:
-                kept[label][0] += int(survived.sum())
-                kept[label][1] += n
-    p_memory, p_disk = (k / n for k, n in kept.values())
-    n = kept["memory"][1]
-    assert abs(p_memory - p_disk) < 6 * (2 * 0.7 * 0.3 / n) ** 0.5
-
-
-def test_dare_with_two_experts_matches_mergekit_statistically(
-    sources, merger, disk_merger, tmp_path
-):
-    config = dare_config(sources, [0.4, 0.9], ["shift_expert", "rev_expert"])
-    base = load_file(Path(sources["base"]) / "model.safetensors")
-    fractions = {}
-    for label, merged in (
-        ("memory", merger.merged_tensors(config, seed=5)),
-        ("disk", merge_on_disk(disk_merger, config, tmp_path / "dare2")),
-    ):
-        unchanged = [0, 0]
-        for name, tensor in layer_tensors(merged).items():
-            if group_of(name) == 0:
-                unchanged[0] += int((tensor == base[name]).sum())
-                unchanged[1] += tensor.numel()
-        fractions[label] = unchanged[0] / unchanged[1]
-    n = unchanged[1]
-    p = fractions["disk"]
-    assert 0.25 < p < 0.5  # both task vectors dropped there: about 0.6 * 0.6
-    assert abs(fractions["memory"] - p) < 6 * (2 * p * (1 - p) / n) ** 0.5
-
-
-def test_dare_is_repeatable_for_a_seed(sources, merger, resident):
-    config = dare_config(sources, [0.5, 0.5], ["shift_expert", "rev_expert"])
-    first = merger.merged_tensors(config, seed=3)
-    assert_identical(merger.merged_tensors(config, seed=3), first)
-    assert any(
-        not torch.equal(first[k], v) for k, v in merger.merged_tensors(config, seed=4).items()
-    )
+def test_random_merge_into_the_resident_model_is_repeatable(sources, merger, resident):
+    config = dense_enough_to_drop(sources, "dare_ties")
+    expected = merger.merged_tensors(config, seed=3)
     merger.merge_into(config, resident, seed=3)
-    assert_identical(resident.state_dict(), first)
+    assert_identical(resident.state_dict(), expected)
 
 
 # --- refusals -------------------------------------------------------------------------------------
@@ -412,8 +363,10 @@ def test_what_cannot_be_merged_exactly_is_refused_before_any_write(sources, merg
     before = {k: v.clone() for k, v in resident.state_dict().items()}
     config = sample_configs(make_space(sources, "linear", 2), n=1)[0]
 
-    with pytest.raises(ValueError, match="della"):
-        merger.merge_into({**config, "merge_method": "della"}, resident)
+    with pytest.raises(ValueError, match="frankenmerge"):
+        merger.merge_into({**config, "merge_method": "frankenmerge"}, resident)
+    with pytest.raises(ValueError, match="requires a base"):  # mergekit's own check
+        merger.merge_into({**config, "merge_method": "ties"}, resident)
     with pytest.raises(ValueError, match="tokenizer_source"):
         merger.merge_into({**config, "tokenizer_source": "base"}, resident)
     partial = copy.deepcopy(config)
@@ -427,15 +380,3 @@ def test_what_cannot_be_merged_exactly_is_refused_before_any_write(sources, merg
 
     for name, tensor in resident.state_dict().items():
         assert torch.equal(tensor, before[name]), name
-
-
-def test_task_vectors_only_keeps_the_base_and_the_task_vectors(sources, disk_merger, tmp_path):
-    space = make_space(sources, "ties", 2)
-    first, second = sample_configs(space, n=2, seed=21)
-    slim = InMemoryMerger.from_config(first, task_vectors_only=True)
-    assert set(slim._tensors) == {sources["base"]}
-    assert_identical(
-        slim.merged_tensors(second), merge_on_disk(disk_merger, second, tmp_path / "m")
-    )
-    with pytest.raises(ValueError, match="released"):
-        slim.merged_tensors(sample_configs(make_space(sources, "slerp", 2), n=1)[0])

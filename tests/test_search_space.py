@@ -24,6 +24,19 @@ CASES = {
     "task_arithmetic_negative": dict(
         models=MODELS, merge_method="task_arithmetic", base_model=BASE, allow_negative_weights=True
     ),
+    # the newer methods of the registry
+    "dare_linear": dict(models=MODELS, merge_method="dare_linear", base_model=BASE),
+    "breadcrumbs": dict(models=MODELS, merge_method="breadcrumbs", base_model=BASE),
+    "breadcrumbs_ties": dict(models=MODELS, merge_method="breadcrumbs_ties", base_model=BASE),
+    "della": dict(models=MODELS, merge_method="della", base_model=BASE),
+    "della_linear_filters_smooth": dict(
+        models=MODELS, merge_method="della_linear", base_model=BASE, filters=["mlp"], smooth=True
+    ),
+    "nuslerp": dict(models=MODELS[:2], merge_method="nuslerp", base_model=BASE),
+    "nuslerp_without_base": dict(models=MODELS[:2], merge_method="nuslerp"),
+    "multislerp": dict(models=MODELS, merge_method="multislerp", base_model=BASE),
+    "multislerp_without_base": dict(models=MODELS, merge_method="multislerp"),
+    "sce": dict(models=MODELS, merge_method="sce", base_model=BASE),
 }
 
 
@@ -127,3 +140,42 @@ def test_wrong_vector_length_and_nan_are_refused():
         space.decode(np.zeros(3))
     with pytest.raises(ValueError, match="NaN"):
         space.decode(np.full(12, np.nan))
+
+
+def test_newer_methods_start_at_mergekits_defaults_with_uniform_weights():
+    della = make_space("della")
+    assert della.dimension == 4 * 3 * 3
+    assert [c.parameter for c in della.coordinates[:3]] == ["weight", "density", "epsilon"]
+    assert della.initial_point()[:3].tolist() == [1 / 3, 1.0, 0.15]
+    assert della.canonical(della.initial_point())[:3].tolist() == [1 / 3, 1.0, 0.0]  # no pruning
+    assert make_space("breadcrumbs").initial_point()[:3].tolist() == [1 / 3, 1.0, 0.01]
+    assert make_space("dare_linear").initial_point()[:2].tolist() == [1 / 3, 1.0]
+    assert make_space("nuslerp").initial_point().tolist() == [0.5] * 8
+    assert make_space("multislerp_without_base").initial_point().tolist() == [1 / 3] * 12
+    assert make_space("sce").initial_point().tolist() == [1.0] * 4
+    assert della.domains()[:3] == [(0.0, None), (0.0, 1.0), (0.0, 0.5)]
+
+
+def test_della_epsilon_is_capped_by_its_density():
+    space = make_space("della", granularity=0)
+    x = np.array([0.5, 0.9, 0.5, 0.5, -0.2, 0.7, 0.5, 1.0, 0.7])  # (weight, density, epsilon) x 3
+    params = [s.get("parameters") for s in space.decode(x)["slices"][0]["sources"]]
+    assert 0 < params[0]["epsilon"] < 0.1 and 0.9 + params[0]["epsilon"] < 1
+    assert 0 < params[1]["epsilon"] < 0.2 and 0.2 - params[1]["epsilon"] > 0
+    assert params[2]["epsilon"] == 0.0  # density 1: nothing is pruned, epsilon is unused
+    assert space.named_parameters(x)["layers 0-7/alpha/epsilon"] == params[0]["epsilon"]
+
+
+def test_method_wide_parameters_are_written_per_slice():
+    config = make_space("sce", granularity=4).decode(np.array([0.3, -1.5]))
+    assert [s["parameters"] for s in config["slices"]] == [{"select_topk": 0.3}, {"select_topk": 1.0}]
+    assert all("parameters" not in src for s in config["slices"] for src in s["sources"])
+    assert config["parameters"] == {"int8_mask": True}  # sce has no normalize
+    assert make_space("sce").labels()[0] == "layers 0-1/select_topk"
+
+
+def test_methods_without_normalize_write_none():
+    config = make_space("nuslerp").decode(make_space("nuslerp").initial_point())
+    assert "parameters" not in config and config["base_model"] == BASE
+    assert [src["model"] for src in config["slices"][0]["sources"]] == [*MODELS[:2], BASE]
+    assert config["slices"][0]["sources"][2] == {"model": BASE, "layer_range": [0, 2]}

@@ -66,10 +66,11 @@ def test_a_metric_no_task_produces_stops_the_run_at_the_first_outcome(tiny_model
     assert not (tmp_path / "s" / "records").exists()
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "linear", "slerp"])
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "linear", "slerp", "della"])
 def test_in_memory_scores_equal_on_disk_scores(tiny_models, tmp_path, method):
     """--in-memory merges into a resident model and scores it through one HFLM: the same metrics
-    as mergekit's folder reloaded by lm-eval, for every method whose merge is deterministic."""
+    as mergekit's folder reloaded by lm-eval, random methods too (della: seeded with the run's
+    seed in memory as run_merge is on disk)."""
     genome = {"merge_method": method}
     if method in ("linear", "slerp"):
         genome["models"] = [str(tiny_models["shift_expert"]), str(tiny_models["rev_expert"])]

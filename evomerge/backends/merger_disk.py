@@ -16,7 +16,7 @@ class DiskMerger:
             copy_tokenizer=True,
             trust_remote_code=options.trust_remote_code,
             allow_crimes=options.allow_crimes,
-            random_seed=options.seed,  # dare's random drops follow the run's seed
+            random_seed=options.seed,  # dare's and della's random drops follow the run's seed
             quiet=True,
             out_shard_size=1_000_000_000_000,  # one shard: the fastest to load back
             safe_serialization=True,

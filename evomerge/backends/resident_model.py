@@ -1,12 +1,13 @@
 """``--in-memory``: one model kept loaded in a slot, merged into in place for every candidate.
 
-The slot loads the sources once (``InMemoryMerger``, which caches task vectors), loads one model
-of the same architecture as the resident model (the donor mergekit would take its config and
-tokenizer from: the base model, else the first model), and wraps it once in lm-eval's ``HFLM``.
-Each candidate is then a tensor computation written into the resident parameters, and scoring
+The slot loads the sources once (``InMemoryMerger``), loads one model of the same architecture as
+the resident model (the donor mergekit would take its config and tokenizer from: the base model,
+else the first model), and wraps it once in lm-eval's ``HFLM``. Each candidate is then mergekit's
+planner and kernels run on resident tensors and written into the resident parameters, and scoring
 reads them through the same ``HFLM``: no merged folder, no reload. The merge equals mergekit's
-``run_merge`` bit for bit for linear, task_arithmetic, ties and slerp (tests/test_merger_memory.py),
-so a candidate scores the same in memory as on disk.
+``run_merge`` bit for bit for every searchable method, the random ones seeded with the run's seed
+as the on-disk merger seeds ``run_merge`` (tests/test_merger_memory.py), so a candidate scores the
+same in memory as on disk.
 """
 
 from __future__ import annotations

@@ -14,13 +14,9 @@ message says how to fix the problem.
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-MergeMethod = Literal["linear", "task_arithmetic", "ties", "dare_ties", "slerp"]
-MERGE_METHODS: tuple[str, ...] = ("linear", "task_arithmetic", "ties", "dare_ties", "slerp")
-METHODS_NEEDING_BASE = ("task_arithmetic", "ties", "dare_ties")
+from evomerge.core import merge_methods
 
 # Upstream refuses these as objectives unless --i-understand-the-depths-of-the-evils-i-am-unleashing
 # is given: optimising a merge directly against a public benchmark's test set games it.
@@ -65,10 +61,7 @@ class GenomeDefinition(_Strict):
     @field_validator("merge_method")
     @classmethod
     def _known_method(cls, value: str) -> str:
-        if value not in MERGE_METHODS:
-            raise ValueError(
-                f"unknown merge method {value!r}; use one of: {', '.join(MERGE_METHODS)}"
-            )
+        merge_methods.get(value)  # a ValueError naming the methods that can be searched
         return value
 
     @field_validator("layer_granularity")
@@ -86,35 +79,91 @@ class GenomeDefinition(_Strict):
             raise ValueError("genome.models is empty; list the fine-tuned models to merge")
         if len(set(self.models)) != len(self.models):
             raise ValueError("genome.models lists a model twice; list each model once")
-        if self.merge_method in METHODS_NEEDING_BASE and self.base_model is None:
+        method = self.method
+        name = method.name
+        if method.base == "required" and self.base_model is None:
             raise ValueError(
-                f"merge_method {self.merge_method!r} needs genome.base_model (the model the "
+                f"merge_method {name!r} needs genome.base_model (the model the "
                 "fine-tunes were trained from); add it, or use merge_method 'linear'"
             )
-        if self.merge_method == "slerp":
-            sources = list(self.models)
-            if self.base_model is not None and self.base_model not in sources:
-                sources.append(self.base_model)
-            if len(sources) != 2:
-                raise ValueError(
-                    f"merge_method 'slerp' interpolates exactly two models, got {len(sources)} "
-                    f"({', '.join(sources)}); list two models, or use 'linear' or 'task_arithmetic'"
-                )
-            if self.smooth or self.filters:
-                raise ValueError("merge_method 'slerp' supports neither 'smooth' nor 'filters'")
-        weighted = [m for m in self.models if m != self.base_model]
-        if self.merge_method != "slerp" and not weighted:
+        if method.base == "unused" and self.base_model not in (None, *self.models):
+            raise ValueError(
+                f"merge_method {name!r} merges the listed models and has no base model; "
+                "add genome.base_model to genome.models, or remove it"
+            )
+        _check_count(method, self.sources, method.sources, "models")
+        others = self.non_base_models
+        if method.non_base[0] >= 1 and not others:
             raise ValueError(
                 "genome.models holds only the base model; list the fine-tuned models to merge"
+            )
+        _check_count(method, others, method.non_base, "models besides the base model")
+        if method.per_group and (self.smooth or self.filters):
+            raise ValueError(
+                f"merge_method {name!r} supports neither 'smooth' nor 'filters' (it searches "
+                f"one {', '.join(p.name for p in method.per_group)} per layer group); remove them"
             )
         return self
 
     @property
-    def effective_normalize(self) -> bool:
-        """Upstream default: normalize for linear, ties and dare_ties; not for task_arithmetic."""
-        if self.normalize is not None:
-            return self.normalize
-        return self.merge_method in ("linear", "ties", "dare_ties")
+    def method(self) -> merge_methods.MergeMethod:
+        """The merge method's registry entry."""
+        return merge_methods.METHODS[self.merge_method]
+
+    @property
+    def effective_base_model(self) -> str | None:
+        """The base the merge uses: genome.base_model; for slerp, else the first model."""
+        if self.method.base == "first_model":
+            return self.base_model or self.models[0]
+        return self.base_model
+
+    @property
+    def sources(self) -> list[str]:
+        """Every model the merge reads, each once: the models, then the base if not listed."""
+        base = self.effective_base_model
+        return [*self.models, *([base] if base is not None and base not in self.models else [])]
+
+    @property
+    def non_base_models(self) -> list[str]:
+        """The models merged into the base (for a method without a base: every model)."""
+        if self.method.base == "unused":
+            return list(self.models)
+        base = self.effective_base_model
+        return [m for m in self.sources if m != base]
+
+    @property
+    def effective_normalize(self) -> bool | None:
+        """The registry's default unless set: upstream's (true for linear, ties and dare_ties;
+        false for task_arithmetic), else mergekit's (true for della); None for methods without
+        the option (genome.normalize is then ignored, as upstream did)."""
+        default = self.method.normalize_default
+        if default is None:
+            return None
+        return default if self.normalize is None else self.normalize
+
+
+_COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
+
+
+def _check_count(
+    method: merge_methods.MergeMethod,
+    models: list[str],
+    bounds: tuple[int, int | None],
+    what: str,
+) -> None:
+    low, high = bounds
+    if low <= len(models) and (high is None or len(models) <= high):
+        return
+    if low == high:
+        needed = f"exactly {_COUNT_WORDS.get(low, low)}"
+    elif len(models) < low:
+        needed = f"at least {_COUNT_WORDS.get(low, low)}"
+    else:
+        needed = f"at most {_COUNT_WORDS.get(high, high)}"
+    raise ValueError(
+        f"merge_method {method.name!r} needs {needed} {what}, got {len(models)} "
+        f"({', '.join(models)}); {method.count_hint or 'change genome.models'}"
+    )
 
 
 class TaskConfiguration(_Strict):

@@ -1,7 +1,10 @@
 """The search space: a real vector <-> a mergekit merge configuration.
 
 Layout. The layers are cut into groups of ``layer_granularity`` consecutive layers (0: one group
-for all). Each group has one value per (model, filter set, parameter):
+for all). Each group has one value per (model, filter set, parameter) for the method's per-model
+parameters, and one value per method-wide parameter (slerp's t, sce's select_topk). Which
+parameters a method has, their start values, decoding and domains are the merge-method registry's
+(``evomerge/core/merge_methods.py``; the README's "What is searched" table lists them):
 
 ==================  =======================================  ==================================
 merge_method        models with parameters                   parameters (start value)
@@ -12,15 +15,17 @@ ties, dare_ties     ``models`` except the base model         weight (1/k), densi
 slerp               -- (two sources, one value per group)    t (0.5)
 ==================  =======================================  ==================================
 
-k is the number of weighted models, so the start point is the uniform merge. The base model of a
-task-arithmetic method carries no parameter: its task vector is zero, so a weight on it would be a
-dimension CMA-ES explores for nothing (upstream kept it; this is a deliberate difference). With
-``filters`` (e.g. ``[self_attn, mlp]``) each model gets one value per filter plus one for all other
-tensors, in that order.
+(and so on for the newer methods). k is the number of weighted models, so the start point is
+the uniform merge. The base model of a task-arithmetic method carries no parameter: its task
+vector is zero, so a weight on it would be a dimension CMA-ES explores for nothing (upstream kept
+it; this is a deliberate difference). With ``filters`` (e.g. ``[self_attn, mlp]``) each model gets
+one value per filter plus one for all other tensors, in that order.
 
 Decoding follows upstream ``mergekit.evo.genome``: a weight is taken as its absolute value unless
-``allow_negative_weights``; a density is ``clip(|x|, 0, 1)``; slerp's t is ``clip(x, 0, 1)``.
-``canonical(x)`` applies exactly these maps, and ``encode(decode(x)) == canonical(x)``.
+``allow_negative_weights``; a density (and gamma, select_topk) is ``clip(|x|, 0, 1)``; slerp's t is
+``clip(x, 0, 1)``; della's epsilon is ``clip(|x|, 0, 1)`` capped so that density +- epsilon stays
+inside (0, 1). ``canonical(x)`` applies exactly these maps, and ``encode(decode(x)) ==
+canonical(x)``.
 
 Tensors outside the layer blocks. A ``slices`` configuration gives them, as mergekit does, the
 parameters of the first group (token embeddings) and of the last group (final norm, lm_head). With
@@ -38,17 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from evomerge.core.config import METHODS_NEEDING_BASE, GenomeDefinition
-
-METHOD_PARAMETERS: dict[str, tuple[str, ...]] = {
-    "linear": ("weight",),
-    "task_arithmetic": ("weight",),
-    "ties": ("weight", "density"),
-    "dare_ties": ("weight", "density"),
-    "slerp": ("t",),
-}
-# mergekit's generalized task arithmetic family takes int8_mask (a memory saving, same result).
-_GTA_METHODS = ("task_arithmetic", "ties", "dare_ties")
+from evomerge.core.config import GenomeDefinition
+from evomerge.core.merge_methods import within_density_margin
 
 
 @dataclass(frozen=True)
@@ -56,7 +52,7 @@ class Coordinate:
     """What one entry of the search vector sets."""
 
     group: int
-    model: str | None  # None for slerp's per-group t
+    model: str | None  # None for a method-wide parameter (slerp's t)
     filter: str | None  # None: every tensor not matched by a named filter
     parameter: str
 
@@ -95,32 +91,42 @@ class SearchSpace:
                 f"{num_layers} layers; use 0 (one group) or one of {divisors}"
             )
         self.genome = genome
+        self.method = genome.method
         self.num_layers = num_layers
         self.dtype = dtype
         self.layers_per_group = granularity if granularity > 0 else num_layers
         self.num_groups = num_layers // self.layers_per_group
-        self.parameters_per_model = METHOD_PARAMETERS[genome.merge_method]
+        self.parameters_per_model = tuple(p.name for p in self.method.per_model)
         self.filter_sets: tuple[str | None, ...] = (*(genome.filters or []), None)
-
-        if genome.merge_method == "slerp":
-            sources = list(genome.models)
-            if genome.base_model is not None and genome.base_model not in sources:
-                sources.append(genome.base_model)
-            base = genome.base_model or sources[0]
-            self.slerp_sources: tuple[str, str] = (base, next(m for m in sources if m != base))
-            self.weighted_models: tuple[str, ...] = ()
-            coords = [Coordinate(g, None, None, "t") for g in range(self.num_groups)]
-        else:
-            base = genome.base_model if genome.merge_method in METHODS_NEEDING_BASE else None
-            self.weighted_models = tuple(m for m in genome.models if m != base)
-            coords = [
-                Coordinate(g, m, f, p)
-                for g in range(self.num_groups)
-                for m in self.weighted_models
-                for f in self.filter_sets
-                for p in self.parameters_per_model
-            ]
+        self.weighted_models: tuple[str, ...] = (
+            tuple(genome.non_base_models) if self.method.per_model else ()
+        )
+        if self.method.base == "first_model":
+            # slerp interpolates from the base (t = 0) to the other model (t = 1)
+            base = genome.effective_base_model
+            self.slerp_sources: tuple[str, str] = (base, genome.non_base_models[0])
+        coords = [
+            coordinate
+            for g in range(self.num_groups)
+            for coordinate in (
+                *(Coordinate(g, None, None, p.name) for p in self.method.per_group),
+                *(
+                    Coordinate(g, m, f, p)
+                    for m in self.weighted_models
+                    for f in self.filter_sets
+                    for p in self.parameters_per_model
+                ),
+            )
+        ]
         self.coordinates: tuple[Coordinate, ...] = tuple(coords)
+        self._parameters = [self.method.parameter(c.parameter) for c in self.coordinates]
+        index = {(c.group, c.model, c.filter, c.parameter): i for i, c in enumerate(coords)}
+        # (capped entry, the density it is capped by): della's epsilon
+        self._density_margins = [
+            (i, index[(c.group, c.model, c.filter, "density")])
+            for i, (c, p) in enumerate(zip(coords, self._parameters))
+            if p.within_density_margin
+        ]
         self._labels = _short_labels([*genome.models, *([genome.base_model] if genome.base_model else [])])
 
     # --- shape -----------------------------------------------------------------------------
@@ -143,50 +149,46 @@ class SearchSpace:
         """The uniform merge; with ``rng`` (config ``random_init: true``) uniform in [0, 1)."""
         if rng is not None:
             return rng.random(self.dimension)
-        start = {
-            "weight": 1.0 / max(1, len(self.weighted_models)),
-            "density": 1.0,
-            "t": 0.5,
-        }
-        return np.array([start[c.parameter] for c in self.coordinates], dtype=float)
+        k = len(self.weighted_models)
+        return np.array([p.start_value(k) for p in self._parameters], dtype=float)
 
     def canonical(self, x: np.ndarray) -> np.ndarray:
         """The values the merge will use, in vector form (see the module docstring)."""
         x = self._as_vector(x)
-        out = np.empty_like(x)
-        for i, c in enumerate(self.coordinates):
-            v = float(x[i])
-            if c.parameter == "weight":
-                v = v if self.genome.allow_negative_weights else abs(v)
-            elif c.parameter == "density":
-                v = min(abs(v), 1.0)
-            elif c.parameter == "t":
-                v = min(max(v, 0.0), 1.0)
-            out[i] = v
+        negative = self.genome.allow_negative_weights
+        out = np.array([p.decode(float(v), negative) for p, v in zip(self._parameters, x)])
+        for i, density in self._density_margins:
+            out[i] = within_density_margin(float(out[i]), float(out[density]))
         return out
+
+    def domains(self) -> list[tuple[float | None, float | None]]:
+        """Each coordinate's natural (lower, upper) domain, ``None`` where unbounded. (Capped
+        values such as della's epsilon also depend on another coordinate; see canonical.)"""
+        negative = self.genome.allow_negative_weights
+        return [p.domain(negative) for p in self._parameters]
 
     # --- vector -> configuration -----------------------------------------------------------
     def decode(self, x: np.ndarray) -> dict[str, Any]:
         """A mergekit merge configuration as a plain dict (``mergekit-yaml`` accepts its YAML)."""
         values = self.canonical(x)
-        config: dict[str, Any] = {"merge_method": self.genome.merge_method}
-        if self.genome.merge_method == "slerp":
-            config["base_model"] = self.slerp_sources[0]
-            config["slices"] = self._slerp_slices(values)
+        genome = self.genome
+        config: dict[str, Any] = {"merge_method": genome.merge_method}
+        base = genome.effective_base_model
+        if base is not None:
+            config["base_model"] = base
+        if genome.smooth:
+            config["models"] = self._smooth_models(values)
         else:
-            if self.genome.base_model is not None:
-                config["base_model"] = self.genome.base_model
-            if self.genome.smooth:
-                config["models"] = self._smooth_models(values)
-            else:
-                config["slices"] = self._discrete_slices(values)
-            parameters: dict[str, Any] = {"normalize": self.genome.effective_normalize}
-            if self.genome.merge_method in _GTA_METHODS:
-                parameters["int8_mask"] = True
+            config["slices"] = self._discrete_slices(values)
+        parameters: dict[str, Any] = {}
+        if genome.effective_normalize is not None:
+            parameters["normalize"] = genome.effective_normalize
+        parameters.update(self.method.options)
+        if parameters:
             config["parameters"] = parameters
         config["dtype"] = self.dtype
-        if self.genome.tokenizer_source is not None:
-            config["tokenizer_source"] = self.genome.tokenizer_source
+        if genome.tokenizer_source is not None:
+            config["tokenizer_source"] = genome.tokenizer_source
         return config
 
     def named_parameters(self, x: np.ndarray) -> dict[str, float]:
@@ -217,51 +219,44 @@ class SearchSpace:
                 ]
         return params
 
+    def _source_models(self) -> list[str]:
+        """The models of a slice, in order: slerp's base first; else the listed models, then the
+        base if it is not listed."""
+        if self.method.base == "first_model":
+            return list(self.slerp_sources)
+        return self.genome.sources
+
     def _discrete_slices(self, values: np.ndarray) -> list[dict[str, Any]]:
         table = self._value_table(values)
         slices = []
         for g in range(self.num_groups):
             sources = []
-            for model in self.genome.models:
+            for model in self._source_models():
                 source: dict[str, Any] = {"model": model, "layer_range": list(self.group_layers(g))}
                 if model in self.weighted_models:
                     source["parameters"] = self._model_parameters(table, [g], model)
                 sources.append(source)
-            base = self.genome.base_model
-            if base is not None and base not in self.genome.models:
-                sources.append({"model": base, "layer_range": list(self.group_layers(g))})
-            slices.append({"sources": sources})
+            slice_: dict[str, Any] = {"sources": sources}
+            if self.method.per_group:
+                shared = {p.name: table[(g, None, None, p.name)] for p in self.method.per_group}
+                if "t" in shared and self.genome.tokenizer_source is not None:
+                    # mergekit merges tokenizers by source weight: give it the interpolation's
+                    sources[0]["parameters"] = {"weight": 1.0 - shared["t"]}
+                    sources[1]["parameters"] = {"weight": shared["t"]}
+                slice_["parameters"] = shared
+            slices.append(slice_)
         return slices
 
     def _smooth_models(self, values: np.ndarray) -> list[dict[str, Any]]:
         table = self._value_table(values)
         groups = list(range(self.num_groups))
         models = []
-        for model in self.genome.models:
+        for model in self._source_models():
             entry: dict[str, Any] = {"model": model}
             if model in self.weighted_models:
                 entry["parameters"] = self._model_parameters(table, groups, model)
             models.append(entry)
-        base = self.genome.base_model
-        if base is not None and base not in self.genome.models:
-            models.append({"model": base})
         return models
-
-    def _slerp_slices(self, values: np.ndarray) -> list[dict[str, Any]]:
-        base, other = self.slerp_sources
-        slices = []
-        for g in range(self.num_groups):
-            t = float(values[g])
-            sources: list[dict[str, Any]] = [
-                {"model": base, "layer_range": list(self.group_layers(g))},
-                {"model": other, "layer_range": list(self.group_layers(g))},
-            ]
-            if self.genome.tokenizer_source is not None:
-                # mergekit merges tokenizers by source weight; give it the interpolation weights.
-                sources[0]["parameters"] = {"weight": 1.0 - t}
-                sources[1]["parameters"] = {"weight": t}
-            slices.append({"sources": sources, "parameters": {"t": t}})
-        return slices
 
     # --- configuration -> vector -----------------------------------------------------------
     def encode(self, config: dict[str, Any]) -> np.ndarray:
@@ -272,15 +267,14 @@ class SearchSpace:
                 f"this search space {self.genome.merge_method!r}"
             )
         table: dict[tuple, float] = {}
-        if self.genome.merge_method == "slerp":
-            for g, slice_ in enumerate(config["slices"]):
-                table[(g, None, None, "t")] = float(slice_["parameters"]["t"])
-        elif self.genome.smooth:
+        if self.genome.smooth:
             for entry in config["models"]:
                 if entry["model"] in self.weighted_models:
                     self._read_parameters(table, list(range(self.num_groups)), entry)
         else:
             for g, slice_ in enumerate(config["slices"]):
+                for p in self.method.per_group:
+                    table[(g, None, None, p.name)] = float(slice_["parameters"][p.name])
                 for source in slice_["sources"]:
                     if source["model"] in self.weighted_models:
                         self._read_parameters(table, [g], source)
