@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import click
 
@@ -71,6 +72,7 @@ def main(config: str, storage_path: str, **values) -> None:
     from evomerge.run_manifest import StorageMismatchError, check_storage_path
     from evomerge.search_session import RunStoppedError
 
+    _show_library_logs()
     try:
         options = build_options(**options_from_parameters(values))
         # Everything but the task names (lm-eval's import and task index): checked below, while
@@ -81,33 +83,42 @@ def main(config: str, storage_path: str, **values) -> None:
     except (ConfigurationError, StorageMismatchError, LeaseHeldError) as exc:
         _refuse(exc)
 
+    _startup("options, config, models and storage path checked")
     stop_request.install()
-    _show_library_logs()
-    server = None
-    if not os.environ.get("PREFECT_API_URL"):
-        from evomerge.backends.prefect_server import launch_prefect_server, wait_until_ready
-
-        server = launch_prefect_server()
-        # Set before Prefect is first imported (it reads the URL then) and before Ray starts
-        # (its workers get it): the address is known before the server answers.
-        os.environ["PREFECT_API_URL"] = server.api_url
-    try:
-        spec = with_checked_tasks(spec)
-    except ConfigurationError as exc:
-        if server is not None:
-            server.stop()
-        _refuse(exc)
+    from evomerge.backends.ray_cluster import connect_ray, disconnect_ray
     from evomerge.backends.slot_pool import launch_early, slot_pool
 
+    server, started_ray = None, False
     try:
-        click.echo("evomerge: starting a private Prefect server on 127.0.0.1, Ray and the evaluation slots ..."
-                   if server is not None else f"evomerge: using the Prefect server at {os.environ['PREFECT_API_URL']}")
-        launch_early(spec)  # Ray and the slot actors start while the server boots
+        if not os.environ.get("PREFECT_API_URL"):
+            from evomerge.backends.prefect_server import launch_prefect_server, wait_until_ready
+
+            click.echo("evomerge: starting a private Prefect server on 127.0.0.1, Ray and the evaluation slots ...")
+            server = launch_prefect_server()
+            # Set before Prefect is first imported (it reads the URL then) and before Ray starts
+            # (its workers get it): the address is known before the server answers.
+            os.environ["PREFECT_API_URL"] = server.api_url
+        else:
+            click.echo(f"evomerge: using the Prefect server at {os.environ['PREFECT_API_URL']}")
+        # The task-name check (lm-eval's import and task index) runs while Ray starts; the slots
+        # need its answer (whether lm-eval's built-in tasks are needed), so they start after both.
+        with ThreadPoolExecutor(1) as background:
+            checking = background.submit(with_checked_tasks, spec)
+            started_ray = connect_ray(spec.options.ray_address)
+            try:
+                spec = checking.result()
+            except ConfigurationError as exc:
+                _refuse(exc)  # what was started is stopped below
+        _startup("task names checked, Ray started")
+        launch_early(spec)  # the slot actors start while the server boots
+        _startup("slots launched")
         # Imported only now: Prefect reads PREFECT_API_URL when it is first imported.
         from evomerge.flows.evolve import evolve
 
+        _startup("flow imported")
         if server is not None:
             server = wait_until_ready(server)
+            _startup("Prefect server ready")
             os.environ["PREFECT_API_URL"] = server.api_url
             click.echo(f"evomerge: Prefect UI at {server.ui_url} (open while the run lasts)")
         # The flow validates again, as a deployment run would; it runs in this directory, so
@@ -129,10 +140,18 @@ def main(config: str, storage_path: str, **values) -> None:
     finally:
         with slot_pool(spec):  # the early launch, if the flow never took it: stopped here
             pass
+        disconnect_ray(started_ray)
         if server is not None:
             _flush_prefect_logs()
             server.stop()
     _print_summary(summary)
+
+
+def _startup(phase: str) -> None:
+    """A start-up milestone in the log (timestamped; benchmarks/orchestration_overhead.py reads them)."""
+    import logging
+
+    logging.getLogger("evomerge").info("start-up: %s", phase)
 
 
 def _refuse(exc: Exception) -> None:
@@ -154,6 +173,8 @@ def _show_library_logs() -> None:
 
 def _flush_prefect_logs() -> None:
     """Send buffered run logs to the server before it stops (else they are lost, noisily)."""
+    if "prefect" not in sys.modules:  # refused before any flow ran: nothing to send
+        return
     try:
         from prefect.events.worker import EventsWorker
         from prefect.logging.handlers import APILogWorker

@@ -44,6 +44,28 @@ def test_scoring_is_repeatable_with_reused_task_objects(worker_and_spec):
     assert first.metrics == second.metrics
 
 
+def test_scoring_a_candidate_starts_no_process_and_leaves_lm_eval_as_it_was(worker_and_spec, monkeypatch):
+    """lm-eval's simple_evaluate describes the machine after every call (``pip list``, ``git
+    describe``: 1.5 s of CPU); the search skips that report, and only for its own calls."""
+    import subprocess
+
+    import lm_eval.evaluator
+
+    worker, spec = worker_and_spec
+    started = []
+    real_init = subprocess.Popen.__init__
+
+    def recording_init(self, *args, **kwargs):
+        started.append(args[0] if args else kwargs.get("args"))
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", recording_init)
+    report = lm_eval.evaluator.add_env_info
+    outcome = worker.run(request_for(spec, [0.4, 0.6, 0.4, 0.6]))
+    assert outcome.status == "ok" and started == []
+    assert lm_eval.evaluator.add_env_info is report
+
+
 def test_a_broken_candidate_fails_without_raising(worker_and_spec):
     worker, spec = worker_and_spec
     request = request_for(spec, [0.5, 0.5, 0.5, 0.5])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,22 +72,42 @@ class HFEvaluator:
         import lm_eval
 
         started = time.perf_counter()
-
-        out = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=self.tasks,
-            task_manager=self.task_manager,
-            limit=self.settings.limit,
-            num_fewshot=self.settings.num_fewshot,
-            apply_chat_template=self.settings.apply_chat_template,
-            fewshot_as_multiturn=self.settings.fewshot_as_multiturn
-            and self.settings.apply_chat_template,
-            log_samples=self.per_item,
-            bootstrap_iters=0,  # stderr bootstraps cost seconds and do not enter the fitness
-            use_cache=None,  # lm-eval's response cache has no model identity: never use it
-        )
+        with _without_environment_report():
+            out = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=self.tasks,
+                task_manager=self.task_manager,
+                limit=self.settings.limit,
+                num_fewshot=self.settings.num_fewshot,
+                apply_chat_template=self.settings.apply_chat_template,
+                fewshot_as_multiturn=self.settings.fewshot_as_multiturn
+                and self.settings.apply_chat_template,
+                log_samples=self.per_item,
+                bootstrap_iters=0,  # stderr bootstraps cost seconds and do not enter the fitness
+                use_cache=None,  # lm-eval's response cache has no model identity: never use it
+            )
         items = _item_scores(out.get("samples") or {}, self.settings.tasks) if self.per_item else {}
         return Scores(out["results"], items, evaluate_seconds=time.perf_counter() - started)
+
+
+@contextmanager
+def _without_environment_report() -> Iterator[None]:
+    """lm-eval's ``simple_evaluate`` ends by describing the machine for its results file:
+    ``torch.utils.collect_env`` (which runs ``pip list`` and probes for GPUs), ``git describe``
+    and the parent folder's git commit. That is 1.5 s of CPU per call on a 2-core machine, more
+    than scoring a small candidate, on every candidate, for fields evomerge never reads; a search
+    skips it. Results and metrics are unchanged (tests/test_slot_worker.py)."""
+    import lm_eval.evaluator as evaluator
+
+    saved = {name: getattr(evaluator, name) for name in ("add_env_info", "get_git_commit_hash")
+             if hasattr(evaluator, name)}
+    evaluator.add_env_info = lambda storage: None
+    evaluator.get_git_commit_hash = lambda: None
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(evaluator, name, function)
 
 
 def _item_scores(samples: dict[str, list[dict]], tasks) -> dict[str, list[float]]:

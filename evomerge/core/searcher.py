@@ -20,7 +20,6 @@ ever serialised; no pickle).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -28,11 +27,6 @@ from typing import Protocol
 import numpy as np
 
 from evomerge.core.fitness import scores_for_optimizer
-
-with warnings.catch_warnings():
-    # pycma warns at import when matplotlib is missing; evomerge plots nothing with it.
-    warnings.simplefilter("ignore")
-    import cma
 
 
 @dataclass(frozen=True)
@@ -214,7 +208,7 @@ class CmaEsSearcher(_Generational):
         }
         if popsize is not None:
             options["popsize"] = popsize
-        self._es = cma.CMAEvolutionStrategy(start, sigma0, options)
+        self._es = _pycma().CMAEvolutionStrategy(start, sigma0, options)
         self._asked_padded: np.ndarray | None = None
 
     @property
@@ -263,6 +257,19 @@ class RandomSearcher(_Generational):
 
     def _learn(self, vectors: np.ndarray, scores: np.ndarray) -> None:
         """Random search learns nothing."""
+
+
+def _pycma():
+    """pycma, imported when a CMA-ES searcher is built: its import loads matplotlib.pyplot and
+    scipy.stats (1.1 s), which the CLI's validation and the slots never need."""
+    import warnings
+
+    with warnings.catch_warnings():
+        # pycma warns at import when matplotlib is missing; evomerge plots nothing with it.
+        warnings.simplefilter("ignore")
+        import cma
+
+    return cma
 
 
 def _rows(vectors: np.ndarray) -> tuple[tuple[float, ...], ...]:
