@@ -129,13 +129,19 @@ def bench(size: str, base: str, experts: list[str], limit: int | None, args, tmp
         if outcomes["on disk"].metrics != outcomes["in memory"].metrics:
             unequal.append((index, outcomes["on disk"].metrics, outcomes["in memory"].metrics))
         accuracy = ", ".join(f"{t} {m['acc,none']:.3f}" for t, m in outcomes["on disk"].metrics.items())
-        print(f"  {size} candidate {index}: " + ", ".join(
-            f"{mode} {timings[mode][-1][-1]:.2f} s" for mode in workers) + f"; acc {accuracy}", flush=True)
+        print(
+            f"  {size} candidate {index}: "
+            + ", ".join(f"{mode} {timings[mode][-1][-1]:.2f} s" for mode in workers)
+            + f"; acc {accuracy}",
+            flush=True,
+        )
 
     means = {mode: np.mean(rows, axis=0) for mode, rows in timings.items()}
-    print(f"\n### {size}: {Path(base).parent}, task_arithmetic, {space.dimension} dimensions, "
-          f"limit {limit if limit is not None else 'none (100 items per task)'}, {args.candidates} candidates, "
-          f"torch threads {torch.get_num_threads()}\n")
+    print(
+        f"\n### {size}: {Path(base).parent}, task_arithmetic, {space.dimension} dimensions, "
+        f"limit {limit if limit is not None else 'none (100 items per task)'}, {args.candidates} candidates, "
+        f"torch threads {torch.get_num_threads()}\n"
+    )
     print("| mode | slot start-up s | merge s | load s | evaluate s | total s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for mode in workers:
@@ -143,9 +149,13 @@ def bench(size: str, base: str, experts: list[str], limit: int | None, args, tmp
     ratio = means["on disk"][-1] / means["in memory"][-1]
     print("\nper-candidate means exclude start-up; total includes the slot's cleanup.")
     print(f"on-disk / in-memory total per candidate: {ratio:.2f}x")
-    print(f"metrics equal: {'no' if unequal else 'yes'} ({args.candidates - len(unequal)}/{args.candidates} candidates)")
-    print(f"loglikelihoods equal: {'yes' if max_ll_diff == 0 else 'no'} (max |difference| {max_ll_diff:.3g} "
-          f"over {len(loglikelihoods['on disk'])} requests per candidate)")
+    print(
+        f"metrics equal: {'no' if unequal else 'yes'} ({args.candidates - len(unequal)}/{args.candidates} candidates)"
+    )
+    print(
+        f"loglikelihoods equal: {'yes' if max_ll_diff == 0 else 'no'} (max |difference| {max_ll_diff:.3g} "
+        f"over {len(loglikelihoods['on disk'])} requests per candidate)"
+    )
     for index, disk, memory in unequal:
         print(f"  candidate {index}: on disk {disk} / in memory {memory}")
     print(flush=True)
@@ -166,6 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     # in its start-up time.
     import lm_eval  # noqa: F401
     import mergekit.merge  # noqa: F401
+
     # prepare_run records the cwd as the run's working dir; the example tasks' data_files are
     # relative to the repository root.
     os.chdir(REPO)

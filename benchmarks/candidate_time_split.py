@@ -42,9 +42,11 @@ def main(storage: str) -> None:
     wall = summary.get("elapsed_seconds")
     if wall:
         busy = t["total"].sum()
-        print(f"search wall time {wall:.1f} s for {len(records)} evaluations on {slots} slots: "
-              f"{wall / len(records):.2f} s per evaluation; slot utilization "
-              f"{busy / (slots * wall):.1%} (busy slot-seconds / (slots x wall))")
+        print(
+            f"search wall time {wall:.1f} s for {len(records)} evaluations on {slots} slots: "
+            f"{wall / len(records):.2f} s per evaluation; slot utilization "
+            f"{busy / (slots * wall):.1%} (busy slot-seconds / (slots x wall))"
+        )
 
 
 if __name__ == "__main__":

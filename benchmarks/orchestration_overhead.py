@@ -50,8 +50,15 @@ def bare_loop(storage: str, max_fevals: int, popsize: int, seed: int) -> None:
     from evomerge.search_loop import inline_runner, run_search_loop
     from evomerge.search_session import SearchSession
 
-    options = build_options(max_fevals=max_fevals, popsize=popsize, seed=seed, cpu_slots=1,
-                            task_search_path=[TASKS], save_final_model=False, baselines=False)
+    options = build_options(
+        max_fevals=max_fevals,
+        popsize=popsize,
+        seed=seed,
+        cpu_slots=1,
+        task_search_path=[TASKS],
+        save_final_model=False,
+        baselines=False,
+    )
     spec = prepare_run(CONFIG, storage, options)
     store = RunStore(spec.storage_path)
     with RunLease(store):  # run_search holds it too; it is storage, not orchestration
@@ -62,10 +69,15 @@ def bare_loop(storage: str, max_fevals: int, popsize: int, seed: int) -> None:
 
 
 def child_env() -> dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               # same BLAS/torch threads in every process of both sides (Ray sets this for its
-               # workers from num_cpus=1; the bare process gets it here)
-               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        # same BLAS/torch threads in every process of both sides (Ray sets this for its
+        # workers from num_cpus=1; the bare process gets it here)
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+    )
     env.pop("PREFECT_API_URL", None)  # the CLI starts its private server, as for a user
     return env
 
@@ -74,7 +86,9 @@ def run_side(cmd: list[str], log_path: Path) -> tuple[float, float]:
     """Run one side in a fresh process; (start, end) epoch seconds around it."""
     with open(log_path, "w") as log:
         start = time.time()
-        rc = subprocess.run(cmd, check=False, cwd=ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(
+            cmd, check=False, cwd=ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT
+        ).returncode
         end = time.time()
     if rc != 0:
         sys.exit(f"{shlex.join(cmd)} exited with {rc}; its output is in {log_path}")
@@ -82,8 +96,9 @@ def run_side(cmd: list[str], log_path: Path) -> tuple[float, float]:
 
 
 def measure(storage: Path, start: float, end: float) -> dict:
-    records = sorted((json.loads(p.read_text()) for p in (storage / "records").glob("*.json")),
-                     key=lambda r: r["finished_at"])
+    records = sorted(
+        (json.loads(p.read_text()) for p in (storage / "records").glob("*.json")), key=lambda r: r["finished_at"]
+    )
     done = np.array([r["finished_at"] for r in records])
     total = np.array([r["timings"]["total"] for r in records])
     trip = np.array([r["timings"]["round_trip"] for r in records])
@@ -136,8 +151,9 @@ def main() -> None:
     parser.add_argument("--max-fevals", type=int, default=20)
     parser.add_argument("--popsize", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cpu-slots", type=int, default=1,
-                        help="slots of the pipeline (the bare loop has one, in-process)")
+    parser.add_argument(
+        "--cpu-slots", type=int, default=1, help="slots of the pipeline (the bare loop has one, in-process)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (records, logs)")
     parser.add_argument("--bare", metavar="STORAGE", help=argparse.SUPPRESS)  # the child of side 1
     args = parser.parse_args()
@@ -149,8 +165,21 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="orch-overhead-"))
     search = ["--max-fevals", str(args.max_fevals), "--popsize", str(args.popsize), "--seed", str(args.seed)]
     bare_cmd = [sys.executable, str(Path(__file__).resolve()), "--bare", str(tmp / "bare"), *search]
-    cli_cmd = [sys.executable, "-m", "evomerge.cli", CONFIG, "--storage-path", str(tmp / "pipeline"),
-               "--task-search-path", TASKS, "--cpu-slots", str(args.cpu_slots), "--no-save-final-model", "--no-baselines", *search]
+    cli_cmd = [
+        sys.executable,
+        "-m",
+        "evomerge.cli",
+        CONFIG,
+        "--storage-path",
+        str(tmp / "pipeline"),
+        "--task-search-path",
+        TASKS,
+        "--cpu-slots",
+        str(args.cpu_slots),
+        "--no-save-final-model",
+        "--no-baselines",
+        *search,
+    ]
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs)")
     results = {}
     for name, cmd in (("bare", bare_cmd), ("pipeline", cli_cmd)):
@@ -164,13 +193,17 @@ def main() -> None:
 
     b, p = results["bare"], results["pipeline"]
     same = b["scores"] == p["scores"]
-    print(f"\nsame candidates and scores: {'yes' if same else 'no'} "
-          f"({len(b['scores'])} bare, {len(p['scores'])} pipeline records; "
-          f"{b['failed']} and {p['failed']} failed)")
+    print(
+        f"\nsame candidates and scores: {'yes' if same else 'no'} "
+        f"({len(b['scores'])} bare, {len(p['scores'])} pipeline records; "
+        f"{b['failed']} and {p['failed']} failed)"
+    )
     if not same:
         only = set(b["scores"]) ^ set(p["scores"])
-        print(f"  keys in one side only: {len(only)}; "
-              f"differing scores: {sum(b['scores'][k] != p['scores'][k] for k in set(b['scores']) & set(p['scores']))}")
+        print(
+            f"  keys in one side only: {len(only)}; "
+            f"differing scores: {sum(b['scores'][k] != p['scores'][k] for k in set(b['scores']) & set(p['scores']))}"
+        )
     rows = [
         ("wall time: process start -> exit", "wall"),
         ("  start-up: process start -> first candidate submitted", "startup"),
@@ -181,17 +214,23 @@ def main() -> None:
         ("per candidate, orchestration (round_trip - total)", "orch"),
         ("per candidate, between consecutive finished_at", "gap"),
     ]
-    print(f"\n| {args.max_fevals} evaluations, popsize {args.popsize}, seed {args.seed}, "
-          f"{args.cpu_slots} pipeline slot(s), 1 thread per slot "
-          "| bare loop (s) | pipeline (s) | pipeline / bare |")
+    print(
+        f"\n| {args.max_fevals} evaluations, popsize {args.popsize}, seed {args.seed}, "
+        f"{args.cpu_slots} pipeline slot(s), 1 thread per slot "
+        "| bare loop (s) | pipeline (s) | pipeline / bare |"
+    )
     print("|---|---:|---:|---:|")
     for label, key in rows:
         ratio = p[key] / b[key] if b[key] > 1e-3 else float("nan")
         print(f"| {label} | {b[key]:.2f} | {p[key]:.2f} | {ratio:.2f} |")
-    print(f"\nratio pipeline/bare, total wall: {p['wall'] / b['wall']:.2f}; "
-          f"steady-state per candidate (finished_at gap): {p['gap'] / b['gap']:.2f}")
-    print(f"fixed start-up cost of the pipeline: {p['startup'] - b['startup']:.1f} s "
-          f"(start-up {p['startup']:.1f} s vs {b['startup']:.1f} s)")
+    print(
+        f"\nratio pipeline/bare, total wall: {p['wall'] / b['wall']:.2f}; "
+        f"steady-state per candidate (finished_at gap): {p['gap'] / b['gap']:.2f}"
+    )
+    print(
+        f"fixed start-up cost of the pipeline: {p['startup'] - b['startup']:.1f} s "
+        f"(start-up {p['startup']:.1f} s vs {b['startup']:.1f} s)"
+    )
     print("\n| pipeline start-up milestone | seconds from process start | phase |")
     print("|---|---:|---:|")
     previous = 0.0
@@ -201,8 +240,10 @@ def main() -> None:
             continue
         print(f"| {label} | {at:.2f} | {at - previous:+.2f} |")
         previous = at
-    print(f"extra per candidate in steady state: {p['gap'] - b['gap']:.2f} s; "
-          f"shutdown extra: {p['shutdown'] - b['shutdown']:.1f} s")
+    print(
+        f"extra per candidate in steady state: {p['gap'] - b['gap']:.2f} s; "
+        f"shutdown extra: {p['shutdown'] - b['shutdown']:.1f} s"
+    )
     print(f"load average after: {load}")
     print(f"command: cd {ROOT} && HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 {shlex.join([sys.executable, *sys.argv])}")
     if args.keep:

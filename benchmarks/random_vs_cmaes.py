@@ -41,8 +41,14 @@ def _worker_setup(config: str, task_paths: list[str], popsize: int, sigma0: floa
 
     global SPEC_ARGS, WORKER
     SPEC_ARGS = (config, task_paths, popsize, sigma0)
-    options = build_options(in_memory=True, popsize=popsize, sigma0=sigma0, task_search_path=task_paths,
-                            save_final_model=False, baselines=False)
+    options = build_options(
+        in_memory=True,
+        popsize=popsize,
+        sigma0=sigma0,
+        task_search_path=task_paths,
+        save_final_model=False,
+        baselines=False,
+    )
     spec = prepare_run(config, tempfile.mkdtemp(prefix="bench-spec-"), options)
     WORKER = SlotWorker(spec, "bench", threads=1)
 
@@ -55,9 +61,18 @@ def run_one(job: tuple[str, int, int]) -> dict:
 
     method, seed, budget = job
     config, task_paths, popsize, sigma0 = SPEC_ARGS
-    options = build_options(in_memory=True, popsize=popsize, sigma0=sigma0, seed=seed, max_fevals=budget,
-                            searcher=method, task_search_path=task_paths, save_final_model=False,
-                            baselines=False, held_out_top=1)
+    options = build_options(
+        in_memory=True,
+        popsize=popsize,
+        sigma0=sigma0,
+        seed=seed,
+        max_fevals=budget,
+        searcher=method,
+        task_search_path=task_paths,
+        save_final_model=False,
+        baselines=False,
+        held_out_top=1,
+    )
     spec = prepare_run(config, tempfile.mkdtemp(prefix=f"bench-{method}-{seed}-"), options, check_task_names=False)
     session = SearchSession(spec)
     started = time.perf_counter()
@@ -67,8 +82,15 @@ def run_one(job: tuple[str, int, int]) -> dict:
     seconds = time.perf_counter() - started
     best = session.best
     (held_out,) = [r for r in session.held_out.values() if r.search_key == best.key]
-    return {"method": method, "seed": seed, "evaluations": session.evaluations, "search": best.score,
-            "held_out": held_out.score, "seconds": seconds, "parameters": best.parameters}
+    return {
+        "method": method,
+        "seed": seed,
+        "evaluations": session.evaluations,
+        "search": best.score,
+        "held_out": held_out.score,
+        "seconds": seconds,
+        "parameters": best.parameters,
+    }
 
 
 def uniform_held_out(_: int) -> float:
@@ -77,8 +99,9 @@ def uniform_held_out(_: int) -> float:
     from evomerge.search_session import SearchSession
 
     config, task_paths, popsize, sigma0 = SPEC_ARGS
-    options = build_options(in_memory=True, popsize=popsize, sigma0=sigma0, task_search_path=task_paths,
-                            save_final_model=False)
+    options = build_options(
+        in_memory=True, popsize=popsize, sigma0=sigma0, task_search_path=task_paths, save_final_model=False
+    )
     spec = prepare_run(config, tempfile.mkdtemp(prefix="bench-uniform-"), options, check_task_names=False)
     session = SearchSession(spec)
     requests = baseline_requests(session.space, session.settings, spec.held_out_evaluation, {})
@@ -100,23 +123,30 @@ def main() -> None:
     jobs = [(method, seed, args.budget) for seed in args.seeds for method in ("cma-es", "random")]
     started = time.perf_counter()
     context = multiprocessing.get_context("spawn")
-    with context.Pool(args.workers, initializer=_worker_setup,
-                      initargs=(args.config, task_paths, args.popsize, args.sigma0)) as pool:
+    with context.Pool(
+        args.workers, initializer=_worker_setup, initargs=(args.config, task_paths, args.popsize, args.sigma0)
+    ) as pool:
         uniform = pool.apply(uniform_held_out, (0,))
         results = pool.map(run_one, jobs, chunksize=1)
-    print(f"config {args.config}, budget {args.budget} evaluations, popsize {args.popsize}, "
-          f"sigma0 {args.sigma0}, seeds {args.seeds}; {time.perf_counter() - started:.0f} s wall, "
-          f"{args.workers} worker processes")
+    print(
+        f"config {args.config}, budget {args.budget} evaluations, popsize {args.popsize}, "
+        f"sigma0 {args.sigma0}, seeds {args.seeds}; {time.perf_counter() - started:.0f} s wall, "
+        f"{args.workers} worker processes"
+    )
     print(f"uniform merge, held out: {uniform:.4f}")
     print(f"{'method':8s} {'seed':>4s} {'evals':>5s} {'best search':>11s} {'its held out':>12s} {'seconds':>8s}")
     for r in sorted(results, key=lambda r: (r["method"], r["seed"])):
-        print(f"{r['method']:8s} {r['seed']:4d} {r['evaluations']:5d} {r['search']:11.4f} "
-              f"{r['held_out']:12.4f} {r['seconds']:8.1f}")
+        print(
+            f"{r['method']:8s} {r['seed']:4d} {r['evaluations']:5d} {r['search']:11.4f} "
+            f"{r['held_out']:12.4f} {r['seconds']:8.1f}"
+        )
     for method in ("cma-es", "random"):
         held = np.array([r["held_out"] for r in results if r["method"] == method])
         search = np.array([r["search"] for r in results if r["method"] == method])
-        print(f"{method:8s} held out: mean {held.mean():.4f}, sd {held.std(ddof=1) if held.size > 1 else 0:.4f}, "
-              f"min {held.min():.4f}, max {held.max():.4f}; best search fitness: mean {search.mean():.4f}")
+        print(
+            f"{method:8s} held out: mean {held.mean():.4f}, sd {held.std(ddof=1) if held.size > 1 else 0:.4f}, "
+            f"min {held.min():.4f}, max {held.max():.4f}; best search fitness: mean {search.mean():.4f}"
+        )
 
 
 if __name__ == "__main__":

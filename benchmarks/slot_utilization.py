@@ -85,8 +85,12 @@ def dispatch(durations: list[float], slots: int, start: float = 0.0) -> Span:
     """Run ``durations`` through ``slots`` slots with the real dispatch, from time ``start``."""
     clock = SimClock(start)
     taken = dispatch_to_slots(
-        list(durations), list(range(slots)), clock.submit, clock.wait_first,
-        on_result=lambda request, outcome, seconds: outcome, on_error=_reraise,
+        list(durations),
+        list(range(slots)),
+        clock.submit,
+        clock.wait_first,
+        on_result=lambda request, outcome, seconds: outcome,
+        on_error=_reraise,
     )
     return Span(start, clock.now, float(sum(taken)), float(max(taken, default=0.0)))
 
@@ -115,8 +119,12 @@ def boundary_idle(span: Span, slots: int) -> float:
 
 
 def sample_durations(
-    rng: np.random.Generator, n: int, mean: float = 60.0, sigma: float = 0.25,
-    straggler_rate: float = 0.02, straggler_factor: float = 3.0,
+    rng: np.random.Generator,
+    n: int,
+    mean: float = 60.0,
+    sigma: float = 0.25,
+    straggler_rate: float = 0.02,
+    straggler_factor: float = 3.0,
 ) -> np.ndarray:
     # mu = ln(mean) - sigma^2 / 2 puts the lognormal's mean (not its median) at ``mean``.
     d = rng.lognormal(np.log(mean) - sigma**2 / 2, sigma, n)
@@ -131,31 +139,42 @@ def cma_default_popsize(dimension: int) -> int:
 
 def simulate_table(args: argparse.Namespace) -> None:
     default = cma_default_popsize(args.dimension)
-    print("| slots | popsize | util. with barrier | util. no barrier | barrier / no barrier | boundary idle"
-          " per gen, mean (slot-s) | max (slot-s) | mean / mean duration | (slots-1) x longest, mean |")
+    print(
+        "| slots | popsize | util. with barrier | util. no barrier | barrier / no barrier | boundary idle"
+        " per gen, mean (slot-s) | max (slot-s) | mean / mean duration | (slots-1) x longest, mean |"
+    )
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for slots in args.slots:
         sizes = [(default, f"{default} (CMA default, n={args.dimension})")] if default < slots else []
-        sizes += [(slots, f"{slots} (= slots)"), (slots * 3 // 2, f"{slots * 3 // 2} (1.5x)"),
-                  (2 * slots, f"{2 * slots} (2x)")]
+        sizes += [
+            (slots, f"{slots} (= slots)"),
+            (slots * 3 // 2, f"{slots * 3 // 2} (1.5x)"),
+            (2 * slots, f"{2 * slots} (2x)"),
+        ]
         for popsize, label in sizes:
             rng = np.random.default_rng([args.seed, slots, popsize])
-            d = sample_durations(rng, args.generations * popsize, args.mean, args.sigma,
-                                 args.straggler_rate, args.straggler_factor)
+            d = sample_durations(
+                rng, args.generations * popsize, args.mean, args.sigma, args.straggler_rate, args.straggler_factor
+            )
             gens = [list(g) for g in d.reshape(args.generations, popsize)]
             barrier, stream = with_barrier(gens, slots), without_barrier(gens, slots)
             idle = np.array([boundary_idle(s, slots) for s in barrier])
             bound = np.mean([(slots - 1) * s.longest for s in barrier])
             ub, us = utilization(barrier, slots), utilization(stream, slots)
-            print(f"| {slots} | {label} | {ub:.1%} | {us:.1%} | {ub / us:.3f} | {idle.mean():.0f} "
-                  f"| {idle.max():.0f} | {idle.mean() / args.mean:.1f} | {bound:.0f} |")
+            print(
+                f"| {slots} | {label} | {ub:.1%} | {us:.1%} | {ub / us:.3f} | {idle.mean():.0f} "
+                f"| {idle.max():.0f} | {idle.mean() / args.mean:.1f} | {bound:.0f} |"
+            )
 
 
 def read_records(storage: str) -> tuple[int, list[list[float]], list[Span]]:
     """A run's slot count, its round trips per generation (in index order, the order dispatched)
     and each generation's actual Span from the record timestamps."""
-    timed = [r for p in sorted(Path(storage, "records").glob("*.json"))
-             if ((r := json.loads(p.read_text())).get("timings") or {}).get("round_trip") is not None]
+    timed = [
+        r
+        for p in sorted(Path(storage, "records").glob("*.json"))
+        if ((r := json.loads(p.read_text())).get("timings") or {}).get("round_trip") is not None
+    ]
     if not timed:
         sys.exit(f"no records with timings.round_trip under {storage}/records")
     by_gen: dict[int, list[dict]] = defaultdict(list)
@@ -167,8 +186,14 @@ def read_records(storage: str) -> tuple[int, list[list[float]], list[Span]]:
         rt = [r["timings"]["round_trip"] for r in rs]
         gens.append(rt)
         # round_trip runs from submission to result, so finished_at - round_trip is the submission.
-        actual.append(Span(min(r["finished_at"] - t for r, t in zip(rs, rt)),
-                           max(r["finished_at"] for r in rs), sum(rt), max(rt)))
+        actual.append(
+            Span(
+                min(r["finished_at"] - t for r, t in zip(rs, rt, strict=True)),
+                max(r["finished_at"] for r in rs),
+                sum(rt),
+                max(rt),
+            )
+        )
     return len({r["slot"] for r in timed}), gens, actual
 
 
@@ -176,28 +201,38 @@ def records_report(storage: str) -> None:
     slots, gens, actual = read_records(storage)
     replay, stream = with_barrier(gens, slots), without_barrier(gens, slots)
     gaps = [b.start - a.end for a, b in pairwise(actual)]
-    print(f"{sum(map(len, gens))} timed records under {storage}: {len(gens)} generations, "
-          f"{slots} slots, round trip mean {np.mean([d for g in gens for d in g]):.2f} s\n")
+    print(
+        f"{sum(map(len, gens))} timed records under {storage}: {len(gens)} generations, "
+        f"{slots} slots, round trip mean {np.mean([d for g in gens for d in g]):.2f} s\n"
+    )
     print("| schedule | wall (s) | utilization | vs no barrier |")
     print("|---|---:|---:|---:|")
     us = utilization(stream, slots)
-    for name, spans in (("actual run (record timestamps)", actual),
-                        ("replayed, with barrier (zero ask/tell time)", replay),
-                        ("replayed, no barrier", stream)):
+    for name, spans in (
+        ("actual run (record timestamps)", actual),
+        ("replayed, with barrier (zero ask/tell time)", replay),
+        ("replayed, no barrier", stream),
+    ):
         u = utilization(spans, slots)
         print(f"| {name} | {spans[-1].end - spans[0].start:.1f} | {u:.1%} | {u / us:.3f} |")
     idle = [boundary_idle(s, slots) for s in actual]
-    print(f"\nactual idle at the generation boundary: mean {np.mean(idle):.2f}, max {np.max(idle):.2f} "
-          f"slot-s per generation; time between generations (ask/tell/checkpoint, subflow start): "
-          f"mean {np.mean(gaps or [0]):.2f} s, max {np.max(gaps or [0]):.2f} s (x {slots} slots idle)")
+    print(
+        f"\nactual idle at the generation boundary: mean {np.mean(idle):.2f}, max {np.max(idle):.2f} "
+        f"slot-s per generation; time between generations (ask/tell/checkpoint, subflow start): "
+        f"mean {np.mean(gaps or [0]):.2f} s, max {np.max(gaps or [0]):.2f} s (x {slots} slots idle)"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--slots", type=int, nargs="+", default=[8, 16, 32])
     p.add_argument("--generations", type=int, default=20)
-    p.add_argument("--dimension", type=int, default=24,
-                   help="for CMA-ES's default popsize; 24 = 3 models x 4 layer groups x (weight, density)")
+    p.add_argument(
+        "--dimension",
+        type=int,
+        default=24,
+        help="for CMA-ES's default popsize; 24 = 3 models x 4 layer groups x (weight, density)",
+    )
     p.add_argument("--mean", type=float, default=60.0, help="mean candidate duration, s")
     p.add_argument("--sigma", type=float, default=0.25, help="sigma of log-duration")
     p.add_argument("--straggler-rate", type=float, default=0.02)
@@ -209,10 +244,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"command: python benchmarks/slot_utilization.py --records {shlex.quote(args.records)}\n")
         records_report(args.records)
         return
-    print("command: python benchmarks/slot_utilization.py --slots "
-          f"{' '.join(map(str, args.slots))} --generations {args.generations} --dimension {args.dimension} "
-          f"--mean {args.mean:g} --sigma {args.sigma:g} --straggler-rate {args.straggler_rate:g} "
-          f"--straggler-factor {args.straggler_factor:g} --seed {args.seed}\n")
+    print(
+        "command: python benchmarks/slot_utilization.py --slots "
+        f"{' '.join(map(str, args.slots))} --generations {args.generations} --dimension {args.dimension} "
+        f"--mean {args.mean:g} --sigma {args.sigma:g} --straggler-rate {args.straggler_rate:g} "
+        f"--straggler-factor {args.straggler_factor:g} --seed {args.seed}\n"
+    )
     simulate_table(args)
 
 

@@ -76,22 +76,29 @@ class Api:
                 sys.exit(f"no flow run {flow_run_id} on this server")
             response.raise_for_status()
             return response.json()
-        runs = self.post("/flow_runs/filter", {
-            "flows": {"name": {"any_": ["evolve"]}},
-            "flow_runs": {"start_time": {"is_null_": False}},
-            "sort": "START_TIME_DESC", "limit": 1})
+        runs = self.post(
+            "/flow_runs/filter",
+            {
+                "flows": {"name": {"any_": ["evolve"]}},
+                "flow_runs": {"start_time": {"is_null_": False}},
+                "sort": "START_TIME_DESC",
+                "limit": 1,
+            },
+        )
         if not runs:
             sys.exit("no started flow run of flow 'evolve' on this server")
         return runs[0]
 
     def subflow_runs(self, parent_id: str) -> list[dict]:
-        return self.post("/flow_runs/filter", {
-            "flow_runs": {"parent_flow_run_id": {"any_": [parent_id]}}, "sort": "START_TIME_ASC"})
+        return self.post(
+            "/flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": [parent_id]}}, "sort": "START_TIME_ASC"}
+        )
 
     def latest_artifacts(self, flow_run_id: str) -> list[dict]:
         """The newest version of each keyed artifact of one flow run."""
-        artifacts = self.post("/artifacts/filter", {
-            "artifacts": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "CREATED_DESC"})
+        artifacts = self.post(
+            "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "CREATED_DESC"}
+        )
         latest: dict[str, dict] = {}
         for artifact in artifacts:
             latest.setdefault(artifact["key"] or artifact["id"], artifact)
@@ -106,24 +113,33 @@ def generation_number(run: dict) -> int:
 def plan_pages(api: Api, ui_base: str, prefix: str, ui: str, evolve: dict, generation: int | None):
     """(file name, URL, text the page must show, tab to open or None) for one UI."""
     run_url = f"{ui_base}{prefix}/runs/flow-run"
-    pages = [(f"{ui}-evolve-run", f"{run_url}/{evolve['id']}", evolve["name"], None),
-             (f"{ui}-evolve-artifacts", f"{run_url}/{evolve['id']}?tab=Artifacts", evolve["name"], "Artifacts")]
+    pages = [
+        (f"{ui}-evolve-run", f"{run_url}/{evolve['id']}", evolve["name"], None),
+        (f"{ui}-evolve-artifacts", f"{run_url}/{evolve['id']}?tab=Artifacts", evolve["name"], "Artifacts"),
+    ]
     runs_with_artifacts = [evolve]
     generations = [r for r in api.subflow_runs(evolve["id"]) if generation_number(r) >= 0]
     if generation is not None:
         generations = [r for r in generations if generation_number(r) == generation]
     if generations:
         run = max(generations, key=generation_number)
-        pages.append((f"{ui}-{run['name']}-artifacts", f"{run_url}/{run['id']}?tab=Artifacts", run["name"],
-                      "Artifacts"))
+        pages.append(
+            (f"{ui}-{run['name']}-artifacts", f"{run_url}/{run['id']}?tab=Artifacts", run["name"], "Artifacts")
+        )
         runs_with_artifacts.append(run)
     else:
         print("no generation-<n> subflow run found", file=sys.stderr)
     for run in runs_with_artifacts:
         for artifact in api.latest_artifacts(run["id"]):
             key = artifact["key"] or artifact["id"]
-            pages.append((f"{ui}-artifact-{artifact['type']}-{key}",
-                          f"{ui_base}{prefix}/artifacts/artifact/{artifact['id']}", key, None))
+            pages.append(
+                (
+                    f"{ui}-artifact-{artifact['type']}-{key}",
+                    f"{ui_base}{prefix}/artifacts/artifact/{artifact['id']}",
+                    key,
+                    None,
+                )
+            )
     return pages
 
 
@@ -164,8 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     try:  # the browser calls the API the server names here; the UI is blank when it is wrong
         httpx.get(f"{ui_api_url.rstrip('/')}/health", timeout=10).raise_for_status()
     except httpx.HTTPError as exc:
-        sys.exit(f"the UI at {ui_base} calls the API at {ui_api_url}, which does not answer ({exc}): "
-                 "start the server with PREFECT_UI_API_URL set to its own address")
+        sys.exit(
+            f"the UI at {ui_base} calls the API at {ui_api_url}, which does not answer ({exc}): "
+            "start the server with PREFECT_UI_API_URL set to its own address"
+        )
     uis = (args.ui or settings.get("default_ui") or "v1").split(",")
 
     api = Api(api_url)

@@ -59,7 +59,9 @@ def _with_run_options(command):
 
 @click.command("evomerge", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("config", type=click.Path(dir_okay=False))
-@click.option("--storage-path", required=True, help="Where records, checkpoints and the best config go (folder or s3://).")
+@click.option(
+    "--storage-path", required=True, help="Where records, checkpoints and the best config go (folder or s3://)."
+)
 @_with_run_options
 def main(config: str, storage_path: str, **values) -> None:
     """Search the best merge of the models in CONFIG (a mergekit-evolve YAML file)."""
@@ -126,8 +128,14 @@ def main(config: str, storage_path: str, **values) -> None:
         summary = evolve(config=os.path.abspath(config), storage_path=spec.storage_path, **spec.options.model_dump())
     except KeyboardInterrupt:
         _report_interrupted(spec.storage_path)
-    except (RunStoppedError, StorageMismatchError, ConfigurationError, LeaseHeldError,
-            StorageError, CorruptStateError) as exc:
+    except (
+        RunStoppedError,
+        StorageMismatchError,
+        ConfigurationError,
+        LeaseHeldError,
+        StorageError,
+        CorruptStateError,
+    ) as exc:
         if stop_request.requested():
             _report_interrupted(spec.storage_path)
         click.echo(f"evomerge: error: {exc}", err=True)
@@ -164,7 +172,9 @@ def _show_library_logs() -> None:
     import logging
 
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d | %(levelname)-7s | evomerge - %(message)s", "%H:%M:%S"))
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s.%(msecs)03d | %(levelname)-7s | evomerge - %(message)s", "%H:%M:%S")
+    )
     logger = logging.getLogger("evomerge")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
@@ -199,8 +209,10 @@ def _print_summary(summary: dict) -> None:
     click.echo("")
     state = "paused" if summary.get("paused") else "done"
     click.echo(f"evomerge: {state} ({summary.get('finished_reason')})")
-    click.echo(f"  evaluations spent : {summary['evaluations']} of {summary['max_fevals']}"
-               f" ({summary['failed_evaluations']} failed)")
+    click.echo(
+        f"  evaluations spent : {summary['evaluations']} of {summary['max_fevals']}"
+        f" ({summary['failed_evaluations']} failed)"
+    )
     click.echo(f"  generations       : {summary['generations']}")
     best = summary.get("best_fitness")
     click.echo(f"  best fitness      : {best:.6f}" if best is not None else "  best fitness      : none")
@@ -210,11 +222,15 @@ def _print_summary(summary: dict) -> None:
                 click.echo(f"    {task} {metric}: {value}")
     comparison = summary.get("comparison") or {}
     if comparison.get("gain_over_best_parent") is not None:
-        click.echo(f"  over best parent  : {comparison['gain_over_best_parent']:+.6f} "
-                   f"({comparison['best_parent']}; on the search's tasks)")
+        click.echo(
+            f"  over best parent  : {comparison['gain_over_best_parent']:+.6f} "
+            f"({comparison['best_parent']}; on the search's tasks)"
+        )
     for label, d in (comparison.get("held_out_vs_baselines") or {}).items():
-        click.echo(f"  held out vs {label}: {d['difference']:+.4f} +- {d['standard_error']:.4f} "
-                   f"({d['standard_errors']:.1f} SE)")
+        click.echo(
+            f"  held out vs {label}: {d['difference']:+.4f} +- {d['standard_error']:.4f} "
+            f"({d['standard_errors']:.1f} SE)"
+        )
     click.echo(f"  best config       : {path}/best_config.yaml")
     click.echo(f"  summary           : {path}/summary.json")
     click.echo(f"  report            : evomerge report {path}")

@@ -8,11 +8,13 @@ process through the environment, as etcd's gofail or TiKV's fail-rs do::
     EVOMERGE_FAILPOINTS="after-tell@2=kill,slot-evaluate=hang"
 
 ``name=action`` fires every time the point is reached, ``name@N=action`` only the N-th time in
-this process. Actions: ``kill`` (SIGKILL this process: no cleanup, no finally), ``raise``
-(RuntimeError), ``hang`` (sleep for a day), ``sleep:SECONDS``. With ``EVOMERGE_FAILPOINT_DIR``
-set, each point fires at most once across all processes sharing that folder (a restarted Ray
-actor inherits the environment; it must not die again). Unarmed, a fail point costs one dict
-lookup.
+this process. A point reached with a ``subject`` (``failpoint("slot-evaluate", "0.1")``, the
+candidate's generation and index) can also be armed for that subject only, ``name:subject``;
+several candidates can so meet different faults in one run, deterministically. Actions: ``kill``
+(SIGKILL this process: no cleanup, no finally), ``raise`` (RuntimeError), ``hang`` (sleep for a
+day), ``sleep:SECONDS``. With ``EVOMERGE_FAILPOINT_DIR`` set, each armed point fires at most
+once across all processes sharing that folder (a restarted Ray actor inherits the environment;
+it must not die again). Unarmed, a fail point costs one dict lookup.
 """
 
 from __future__ import annotations
@@ -38,9 +40,11 @@ def _armed() -> dict[str, tuple[int | None, str]]:
     return armed
 
 
-def failpoint(name: str) -> None:
+def failpoint(name: str, subject: str | None = None) -> None:
     armed = _armed()
-    if name not in armed:
+    if subject is not None and f"{name}:{subject}" in armed:
+        name = f"{name}:{subject}"
+    elif name not in armed:
         return
     _hits[name] += 1
     nth, action = armed[name]

@@ -59,8 +59,11 @@ def run_search_loop(
     for note in session.restore_notes:
         log.warning(note)
     if session.records or session.generations_done:
-        log.info("storage path holds %d records and %d generation checkpoints: continuing from them",
-                 len(session.records), session.generations_done)
+        log.info(
+            "storage path holds %d records and %d generation checkpoints: continuing from them",
+            len(session.records),
+            session.generations_done,
+        )
     try:
         # What a user would pick by hand, scored first: a configuration error in the tasks (or
         # held-out tasks) shows here, before the search spends anything.
@@ -76,9 +79,14 @@ def run_search_loop(
                 for observer in observers:
                     observer.generation_done(plan.generation, plan.keys)
             best = session.best
-            log.info("generation %d: %d evaluated, %d of %d evaluations spent, best fitness %s",
-                     plan.generation, len(plan.to_evaluate), session.evaluations,
-                     session.spec.options.max_fevals, f"{best.score:.4f}" if best else "none")
+            log.info(
+                "generation %d: %d evaluated, %d of %d evaluations spent, best fitness %s",
+                plan.generation,
+                len(plan.to_evaluate),
+                session.evaluations,
+                session.spec.options.max_fevals,
+                f"{best.score:.4f}" if best else "none",
+            )
         # The search is over (not paused): score the best candidates on the held-out tasks.
         if session.search_finished and (held_out := session.held_out_requests()):
             run_batch(Phase("held-out"), held_out)
@@ -90,11 +98,10 @@ def run_search_loop(
     return reason
 
 
-def inline_runner(
-    session: SearchSession, evaluate: Callable[[CandidateRequest], EvaluationOutcome]
-) -> BatchRunner:
+def inline_runner(session: SearchSession, evaluate: Callable[[CandidateRequest], EvaluationOutcome]) -> BatchRunner:
     """A batch runner that evaluates each request in this process, one after the other (tests,
     benchmarks); ``evaluate`` is e.g. ``SlotWorker(spec, "slot-0").run``."""
+
     def run_batch(phase: Phase, requests: list[CandidateRequest]) -> None:
         for request in requests:
             started = time.perf_counter()

@@ -31,7 +31,7 @@ from evomerge.core.references import baseline_requests, held_out_requests, top_c
 from evomerge.core.run_report import ComparisonRow, comparison_for, comparison_summary
 from evomerge.core.run_spec import RunSpec
 from evomerge.core.run_summary import run_summary
-from evomerge.core.searcher import CmaEsSearcher, RandomSearcher, SearchStep, Searcher
+from evomerge.core.searcher import CmaEsSearcher, RandomSearcher, Searcher, SearchStep
 from evomerge.core.stopping import IDLE_GENERATIONS_LIMIT, SearchProgress, StoppingRules
 from evomerge.core.storage_layout import BASELINES, BEST_CONFIG, CANDIDATES, HELD_OUT, SUMMARY, checkpoint_name
 from evomerge.failpoints import failpoint
@@ -229,9 +229,12 @@ class SearchSession:
         stops the run at the first evaluation instead of spending a generation on it."""
         try:
             record = CandidateRecord.from_outcome(
-                request, outcome, self.spec.evaluation_for(request.held_out).tasks,
+                request,
+                outcome,
+                self.spec.evaluation_for(request.held_out).tasks,
                 self.space.named_parameters(np.array(request.vector)) if request.vector else {},
-                round_trip, time.time(),
+                round_trip,
+                time.time(),
             )
         except MissingMetricError as exc:
             raise RunStoppedError(f"stopping at the first evaluation: {exc}") from exc
@@ -240,8 +243,13 @@ class SearchSession:
         self.store.write_record(record)
         self.progress.evaluations += 1
         self.progress.evaluated_this_run += 1
-        log.info("candidate %d.%d %s recorded: %s", record.generation, record.index, record.key,
-                 f"fitness {record.score:.6f}" if record.status == "ok" else f"failed ({record.error})")
+        log.info(
+            "candidate %d.%d %s recorded: %s",
+            record.generation,
+            record.index,
+            record.key,
+            f"fitness {record.score:.6f}" if record.status == "ok" else f"failed ({record.error})",
+        )
         failpoint("after-record")
         self.records[record.key] = record
         if record.status == "ok" and (self._best is None or record.score > self._best.score):
@@ -256,9 +264,18 @@ class SearchSession:
         searcher, never counted in the budget, never the best config)."""
         folder, found = (HELD_OUT, self.held_out) if record.held_out else (BASELINES, self.baselines)
         self.store.write_record(record, folder=folder)
-        what = f"baseline: {record.label}" if record.kind == "baseline" else f"candidate {record.generation}.{record.index}"
-        log.info("%s%s %s recorded: %s", "held out: " if record.held_out else "", what, record.key,
-                 f"fitness {record.score:.6f}" if record.status == "ok" else f"failed ({record.error})")
+        what = (
+            f"baseline: {record.label}"
+            if record.kind == "baseline"
+            else f"candidate {record.generation}.{record.index}"
+        )
+        log.info(
+            "%s%s %s recorded: %s",
+            "held out: " if record.held_out else "",
+            what,
+            record.key,
+            f"fitness {record.score:.6f}" if record.status == "ok" else f"failed ({record.error})",
+        )
         found[record.key] = record
         return record
 
@@ -267,20 +284,21 @@ class SearchSession:
         """Parents and the uniform merge not scored yet (on the search's and held-out tasks)."""
         if not self.spec.options.baselines:
             return []
-        return baseline_requests(self.space, self.settings, self.spec.held_out_evaluation,
-                                 {**self.baselines, **self.held_out})
+        return baseline_requests(
+            self.space, self.settings, self.spec.held_out_evaluation, {**self.baselines, **self.held_out}
+        )
 
     def held_out_requests(self) -> list[CandidateRequest]:
         """The best candidates not yet scored on the held-out tasks (none without such tasks)."""
         held_out = self.spec.held_out_evaluation
         if held_out is None:
             return []
-        return held_out_requests(top_candidates(self.records, self.spec.options.held_out_top),
-                                 held_out, self.held_out)
+        return held_out_requests(top_candidates(self.records, self.spec.options.held_out_top), held_out, self.held_out)
 
     def comparison(self) -> list[ComparisonRow]:
-        return comparison_for(self.records, self.baselines, self.held_out, self.spec.config,
-                              self.spec.options.held_out_top)
+        return comparison_for(
+            self.records, self.baselines, self.held_out, self.spec.config, self.spec.options.held_out_top
+        )
 
     # --- outputs ----------------------------------------------------------------------------
     @property
@@ -289,21 +307,35 @@ class SearchSession:
 
     def write_checkpoint(self, step: SearchStep, keys) -> GenerationCheckpoint:
         checkpoint = GenerationCheckpoint.of_step(
-            step, searcher=self.searcher.name, fingerprint=self.spec.fingerprint(), keys=list(keys),
-            evaluations=self.evaluations, best_key=self._best.key if self._best else None,
+            step,
+            searcher=self.searcher.name,
+            fingerprint=self.spec.fingerprint(),
+            keys=list(keys),
+            evaluations=self.evaluations,
+            best_key=self._best.key if self._best else None,
             written_at=time.time(),
         )
-        self.store.write_text(checkpoint_name(step.generation), checkpoint.model_dump_json(indent=2) + "\n",
-                              failpoint_name="checkpoint-write")
+        self.store.write_text(
+            checkpoint_name(step.generation),
+            checkpoint.model_dump_json(indent=2) + "\n",
+            failpoint_name="checkpoint-write",
+        )
         return checkpoint
 
     def summary(self) -> dict[str, Any]:
         return run_summary(
-            storage_path=self.spec.storage_path, fingerprint=self.spec.fingerprint(),
-            max_fevals=self.spec.options.max_fevals, popsize=self.searcher.popsize,
-            dimension=self.space.dimension, tasks=self.spec.config.tasks, records=self.records,
-            best=self._best, progress=self.progress, finished_reason=self.finished_reason,
-            paused=self.paused, elapsed_seconds=self.elapsed_seconds,
+            storage_path=self.spec.storage_path,
+            fingerprint=self.spec.fingerprint(),
+            max_fevals=self.spec.options.max_fevals,
+            popsize=self.searcher.popsize,
+            dimension=self.space.dimension,
+            tasks=self.spec.config.tasks,
+            records=self.records,
+            best=self._best,
+            progress=self.progress,
+            finished_reason=self.finished_reason,
+            paused=self.paused,
+            elapsed_seconds=self.elapsed_seconds,
             comparison=comparison_summary(self.comparison(), self.spec.config.held_out_tasks),
         )
 

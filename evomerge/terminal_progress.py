@@ -19,15 +19,21 @@ class TerminalProgress:
         if not self.enabled:
             return
         session = self.session
-        scores = [session.records[k].score for k in keys
-                  if k in session.records and session.records[k].score is not None]
+        scores = [
+            session.records[k].score for k in keys if k in session.records and session.records[k].score is not None
+        ]
         done_here = session.evaluated_this_run
         left = session.budget_left
         seconds_left = session.elapsed_seconds / done_here * left if done_here else None
         best = session.best.score if session.best else None
         line = progress_line(
-            generation, session.evaluations, session.spec.options.max_fevals, best,
-            session.elapsed_seconds, sum(scores) / len(scores) if scores else None, seconds_left,
+            generation,
+            session.evaluations,
+            session.spec.options.max_fevals,
+            best,
+            session.elapsed_seconds,
+            sum(scores) / len(scores) if scores else None,
+            seconds_left,
         )
         print(f"evomerge: {line}", file=self.stream, flush=True)
 

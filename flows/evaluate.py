@@ -45,8 +45,10 @@ def _placed(strategy: str, slot: SlotRef, pin_to_node: bool = False):
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         placement["scheduling_strategy"] = NodeAffinitySchedulingStrategy(slot.node_id, soft=False)
-    with tags(f"strategy:{strategy}", f"slot:{slot.name}", f"node:{slot.node}:{slot.node_id[:8]}"), \
-            remote_options(**placement):
+    with (
+        tags(f"strategy:{strategy}", f"slot:{slot.name}", f"node:{slot.node}:{slot.node_id[:8]}"),
+        remote_options(**placement),
+    ):
         yield
 
 
@@ -71,13 +73,20 @@ def dispatch(session: SearchSession, requests: list[CandidateRequest], slots: li
     options = session.spec.options
     policy = CandidatePolicy.from_options(options)
     if options.strategy == "pool":
+
         def submit(request, slot):
             name = _started(request, slot)
             with _placed("pool", slot):
                 return merge_and_evaluate.with_options(task_run_name=f"candidate-{name}").submit(request, slot, policy)
 
-        return dispatch_to_slots(requests, slots, submit=submit, wait_first=wait_for_first,
-                                 on_result=session.record_outcome, on_error=_crashed_task_outcome)
+        return dispatch_to_slots(
+            requests,
+            slots,
+            submit=submit,
+            wait_first=wait_for_first,
+            on_result=session.record_outcome,
+            on_error=_crashed_task_outcome,
+        )
 
     merged_names: dict[str, str] = {}
 
@@ -88,13 +97,18 @@ def dispatch(session: SearchSession, requests: list[CandidateRequest], slots: li
 
     def submit_evaluate(request, slot, merged):
         with _placed(options.strategy, slot):
-            return evaluate_candidate.with_options(
-                task_run_name=f"evaluate-{merged_names[request.key]}"
-            ).submit(request, slot, merged, policy)
+            return evaluate_candidate.with_options(task_run_name=f"evaluate-{merged_names[request.key]}").submit(
+                request, slot, merged, policy
+            )
 
     return dispatch_pipelined(
-        requests, slots, submit_merge=submit_merge, submit_evaluate=submit_evaluate,
-        wait_first=wait_for_first, on_result=session.record_outcome, on_error=_crashed_task_outcome,
+        requests,
+        slots,
+        submit_merge=submit_merge,
+        submit_evaluate=submit_evaluate,
+        wait_first=wait_for_first,
+        on_result=session.record_outcome,
+        on_error=_crashed_task_outcome,
         lookahead=0 if options.strategy == "serial" else 1,
     )
 

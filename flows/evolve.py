@@ -11,10 +11,10 @@ import time
 from typing import Any
 
 from prefect import flow, get_run_logger
-from evomerge.backends.ray_task_runner import RayTaskRunner
 
 from evomerge.backends.prefect_artifacts import CheckpointPublisher
 from evomerge.backends.prepare import build_options, prepare_run
+from evomerge.backends.ray_task_runner import RayTaskRunner
 from evomerge.backends.run_lease import RunLease
 from evomerge.backends.run_store import RunStore
 from evomerge.backends.slot_pool import slot_pool
@@ -39,11 +39,14 @@ def _evolve(config: str, storage_path: str, **options: Any) -> dict[str, Any]:
     return run_search(spec)
 
 
-_evolve.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
-    inspect.Parameter("config", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str),
-    inspect.Parameter("storage_path", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str),
-    *option_parameters(),
-], return_annotation=dict[str, Any])
+_evolve.__signature__ = inspect.Signature(
+    [  # type: ignore[attr-defined]
+        inspect.Parameter("config", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str),
+        inspect.Parameter("storage_path", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str),
+        *option_parameters(),
+    ],
+    return_annotation=dict[str, Any],
+)
 
 evolve = flow(name="evolve", flow_run_name="evolve-{storage_path}", validate_parameters=False)(_evolve)
 

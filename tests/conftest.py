@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -44,6 +45,73 @@ def prefect_api(tmp_path_factory):
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One Ray cluster for every run of the test session that is not about starting one: two
+    nodes on this machine (Ray's own test cluster, loopback, one CPU each), so every such run also
+    places its two slots on two nodes. Runs join it with ``--ray-address``, as they would join a
+    real cluster. Idle workers are kept, as a private cluster of the CLI keeps them."""
+    from ray.cluster_utils import Cluster
+
+    keep_idle = {"idle_worker_killing_time_threshold_ms": 3_600_000}
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False, "_system_config": keep_idle}
+    )
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    node_ids = {cluster.head_node.node_id, *(n.node_id for n in cluster.worker_nodes)}
+    assert len(node_ids) == 2
+    yield SimpleNamespace(address=cluster.address, node_ids=node_ids)
+    cluster.shutdown()
+
+
+# The tiny example's tasks are one split each, so the held-out tasks of the reference search are
+# the same tasks with other weights: enough to check the plumbing (separate keys, records, scores).
+HELD_OUT = [{"name": "tiny_rev"}, {"name": "tiny_shift", "weight": 0.5}]
+REFERENCE_SEARCH = ("--max-fevals", "16", "--popsize", "4", "--seed", "7")
+
+
+@pytest.fixture(scope="session")
+def reference_search(tiny_models, tmp_path_factory):
+    """The search every end-to-end, fault-injection and deployment test compares with: the
+    ``evomerge`` command exactly as a user runs it (its own private Prefect server and Ray
+    cluster, baselines, held-out tasks), 16 evaluations. Tests read its storage path; one that
+    writes works on a copy.
+
+    ``search_config`` is the same search without held-out tasks (not part of the search's
+    fingerprint, so the same search), for runs that must not spend evaluations on them."""
+    tmp = tmp_path_factory.mktemp("reference")
+    config = write_config(tmp / "config.yml", tiny_models, held_out_tasks=HELD_OUT)
+    storage = tmp / "run"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    result = run_evomerge(config, storage, *REFERENCE_SEARCH, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    summary = json.loads((storage / "summary.json").read_text())
+    return SimpleNamespace(
+        config=config,
+        search_config=write_config(tmp / "search_config.yml", tiny_models),
+        storage=storage,
+        result=result,
+        summary=summary,
+        trajectory=trajectory(storage),
+        scores={r["key"]: r["score"] for r in read_records(storage)},
+    )
+
+
+def trajectory(storage: Path) -> list:
+    """Every asked vector, told score, step size and mean, from the checkpoints on disk."""
+    out = []
+    for path in sorted((storage / "checkpoints").glob("*.json")):
+        cp = json.loads(path.read_text())
+        out.append([cp[k] for k in ("generation", "keys", "vectors", "scores_told", "sigma_after", "mean_after")])
+    return out
+
+
+def shared_env(prefect_api: str, **extra: str) -> dict[str, str]:
+    """The environment of a CLI run on the session's Prefect server."""
+    return dict(os.environ, PREFECT_API_URL=prefect_api, **extra)
+
+
 def write_config(path: Path, models: dict[str, Path], **overrides) -> Path:
     import yaml
 
@@ -68,15 +136,28 @@ def write_config(path: Path, models: dict[str, Path], **overrides) -> Path:
 
 def evomerge_command(config: Path, storage: Path, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "evomerge.cli", str(config), "--storage-path", str(storage),
-        "--task-search-path", str(TASKS_DIR), "--cpu-slots", "2", *extra,
+        sys.executable,
+        "-m",
+        "evomerge.cli",
+        str(config),
+        "--storage-path",
+        str(storage),
+        "--task-search-path",
+        str(TASKS_DIR),
+        "--cpu-slots",
+        "2",
+        *extra,
     ]
 
 
 def run_evomerge(config, storage, *extra, env=None, timeout=600):
     return subprocess.run(
-        evomerge_command(config, storage, *extra), cwd=REPO, env=env or os.environ.copy(),
-        capture_output=True, text=True, timeout=timeout,
+        evomerge_command(config, storage, *extra),
+        cwd=REPO,
+        env=env or os.environ.copy(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -98,7 +179,8 @@ def s3_endpoint():
     port = free_port()
     server = subprocess.Popen(
         [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -112,8 +194,10 @@ def s3_endpoint():
                 raise RuntimeError("moto_server did not start") from None
             time.sleep(0.2)
     env = {
-        "AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret",
-        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": url,
+        "AWS_ACCESS_KEY_ID": "testing-key-id",
+        "AWS_SECRET_ACCESS_KEY": "testing-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": url,
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)

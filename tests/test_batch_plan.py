@@ -18,8 +18,14 @@ def suggestions(vectors, generation=0):
 
 def record(key, score, generation=0, index=0, status="ok"):
     return CandidateRecord(
-        key=key, generation=generation, index=index, vector=[0.0, 0.0], parameters={},
-        merge_config={}, status=status, score=score,
+        key=key,
+        generation=generation,
+        index=index,
+        vector=[0.0, 0.0],
+        parameters={},
+        merge_config={},
+        status=status,
+        score=score,
     )
 
 
@@ -48,7 +54,9 @@ def test_budget_is_never_exceeded_and_leaves_the_batch_incomplete():
 def test_key_depends_on_evaluation_settings():
     batch = suggestions([[0.3, 0.2]])
     other = EvaluationSettings(tasks=[TaskConfiguration(name="t")], limit=10)
-    assert plan_batch(SPACE, SETTINGS, batch, frozenset(), 1).keys != plan_batch(SPACE, other, batch, frozenset(), 1).keys
+    assert (
+        plan_batch(SPACE, SETTINGS, batch, frozenset(), 1).keys != plan_batch(SPACE, other, batch, frozenset(), 1).keys
+    )
 
 
 def test_an_empty_batch_is_refused():
@@ -57,6 +65,11 @@ def test_an_empty_batch_is_refused():
 
 
 def test_best_record_prefers_score_then_earliest():
-    records = [record("a", 0.5, 1, 0), record("b", 0.7, 2, 3), record("c", 0.7, 1, 5), record("d", None, 0, 0, "failed")]
+    records = [
+        record("a", 0.5, 1, 0),
+        record("b", 0.7, 2, 3),
+        record("c", 0.7, 1, 5),
+        record("d", None, 0, 0, "failed"),
+    ]
     assert best_record(records).key == "c"
     assert best_record([record("d", None, status="failed")]) is None

@@ -4,10 +4,10 @@ import json
 
 import numpy as np
 import pytest
+from test_search_session import make_spec, run
 
 from evomerge.core.checkpoint import CHECKPOINT_FORMAT_VERSION, CorruptStateError, parse_checkpoint
 from evomerge.search_session import SearchSession
-from test_search_session import make_spec, run
 
 
 def trajectory(storage):
@@ -15,7 +15,9 @@ def trajectory(storage):
     out = []
     for path in sorted((storage / "checkpoints").glob("*.json")):
         cp = json.loads(path.read_text())
-        out.append((cp["generation"], cp["keys"], cp["vectors"], cp["scores_told"], cp["sigma_after"], cp["mean_after"]))
+        out.append(
+            (cp["generation"], cp["keys"], cp["vectors"], cp["scores_told"], cp["sigma_after"], cp["mean_after"])
+        )
     return out
 
 
@@ -69,13 +71,20 @@ def test_a_damaged_checkpoint_is_reported_and_resume_falls_back_to_the_last_good
     resumed = SearchSession(make_spec(storage, max_fevals=16, seed=4))
     (note,) = resumed.restore_notes
     assert str(target) in note and "last good checkpoint (generation 1)" in note
-    expected_reason = {"truncated": "not valid JSON", "foreign-version": "format version 99",
-                       "other-search": "another search", "empty": "is empty"}[damage]
+    expected_reason = {
+        "truncated": "not valid JSON",
+        "foreign-version": "format version 99",
+        "other-search": "another search",
+        "empty": "is empty",
+    }[damage]
     assert expected_reason in note
 
     evaluated = []
     original = resumed.record_outcome
-    resumed.record_outcome = lambda req, out, round_trip=0.0: (evaluated.append(req.key), original(req, out, round_trip))[1]
+    resumed.record_outcome = lambda req, out, round_trip=0.0: (
+        evaluated.append(req.key),
+        original(req, out, round_trip),
+    )[1]
     run(resumed)
     assert evaluated == [], "generations 2 and 3 are replayed from their records"
     assert resumed.generations_done == 4
@@ -93,9 +102,17 @@ def test_a_checkpoint_from_another_optimizer_is_refused_not_followed(straight):
 
 
 def test_parse_checkpoint_checks_shape_and_generation():
-    base = {"format_version": CHECKPOINT_FORMAT_VERSION, "fingerprint": "f", "generation": 3,
-            "keys": ["a", "b"], "vectors": [[0.1], [0.2]], "scores_told": [1.0], "sigma_after": 0.1,
-            "mean_after": [0.1], "evaluations": 2}
+    base = {
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "fingerprint": "f",
+        "generation": 3,
+        "keys": ["a", "b"],
+        "vectors": [[0.1], [0.2]],
+        "scores_told": [1.0],
+        "sigma_after": 0.1,
+        "mean_after": [0.1],
+        "evaluations": 2,
+    }
     with pytest.raises(CorruptStateError, match="2 keys, 2 vectors and 1 scores"):
         parse_checkpoint(json.dumps(base), "cp", "f", 3)
     base["scores_told"] = [1.0, 2.0]

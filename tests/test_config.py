@@ -54,7 +54,10 @@ def test_upstream_example_config_parses_with_upstream_defaults():
         (genome(merge_method="sce"), "'sce' needs genome.base_model"),
         (genome(merge_method="della"), "'della' needs genome.base_model"),
         (genome(merge_method="nuslerp", models=["/a", "/b", "/c"]), "exactly two models besides the base model, got 3"),
-        (genome(merge_method="nuslerp", models=["/a", "/c"], base_model="/c"), "exactly two models besides the base model, got 1"),
+        (
+            genome(merge_method="nuslerp", models=["/a", "/c"], base_model="/c"),
+            "exactly two models besides the base model, got 1",
+        ),
         (genome(base_model="/c"), "'linear' merges the listed models and has no base model"),
         (genome(merge_method="sce", base_model="/c", filters=["mlp"]), "'sce' supports neither 'smooth' nor 'filters'"),
     ],
@@ -98,7 +101,9 @@ def test_mapping_model_references_are_accepted_and_lora_refused():
 def test_normalize_defaults_follow_upstream():
     assert GenomeDefinition(**genome()).effective_normalize is True
     assert GenomeDefinition(**genome(merge_method="task_arithmetic", base_model="/c")).effective_normalize is False
-    assert GenomeDefinition(**genome(merge_method="ties", base_model="/c", normalize=False)).effective_normalize is False
+    assert (
+        GenomeDefinition(**genome(merge_method="ties", base_model="/c", normalize=False)).effective_normalize is False
+    )
     assert GenomeDefinition(**genome(merge_method="dare_ties", base_model="/c")).effective_normalize is True
     # newer methods: mergekit's defaults; none for methods without the option (normalize ignored)
     assert GenomeDefinition(**genome(merge_method="della", base_model="/c")).effective_normalize is True
@@ -107,9 +112,7 @@ def test_normalize_defaults_follow_upstream():
 
 
 def test_benchmark_tasks_are_flagged_like_upstream():
-    config = EvolveConfig.model_validate(
-        {"genome": genome(), "tasks": ["mmlu_college_math", "gsm8k_train", "my_task"]}
-    )
+    config = EvolveConfig.model_validate({"genome": genome(), "tasks": ["mmlu_college_math", "gsm8k_train", "my_task"]})
     assert benchmark_task_names(config) == ["mmlu_college_math"]
 
 

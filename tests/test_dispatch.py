@@ -1,5 +1,7 @@
 """Slot dispatch: every request runs, one at a time per slot, free slots take work at once."""
 
+from itertools import pairwise
+
 import pytest
 
 from evomerge.backends.dispatch import dispatch_to_slots
@@ -33,8 +35,12 @@ def run(requests, slots, durations):
         return first
 
     results = dispatch_to_slots(
-        requests, slots, submit, wait_first,
-        on_result=lambda req, out, seconds: out, on_error=lambda req, exc: f"failed: {exc}",
+        requests,
+        slots,
+        submit,
+        wait_first,
+        on_result=lambda req, out, seconds: out,
+        on_error=lambda req, exc: f"failed: {exc}",
     )
     return results, log, clock["now"]
 
@@ -96,8 +102,13 @@ def run_pipelined(requests, slots, merge_seconds, eval_seconds, lookahead):
         return first
 
     results = dispatch_pipelined(
-        requests, slots, submit_merge, submit_evaluate, wait_first,
-        on_result=lambda req, out, seconds: out, on_error=lambda req, exc: f"failed: {exc}",
+        requests,
+        slots,
+        submit_merge,
+        submit_evaluate,
+        wait_first,
+        on_result=lambda req, out, seconds: out,
+        on_error=lambda req, exc: f"failed: {exc}",
         lookahead=lookahead,
     )
     return results, intervals, clock["now"]
@@ -112,7 +123,7 @@ def test_serial_merges_then_evaluates_one_candidate_at_a_time_per_slot():
     assert sorted(results) == ["a@s0", "b@s1", "c@s0", "d@s1"]
     for slot in ("s0", "s1"):
         spans = sorted((start, end) for s, _, _, start, end in intervals if s == slot)
-        assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:])), "nothing overlaps on a slot"
+        assert all(a_end <= b_start for (_, a_end), (b_start, _) in pairwise(spans)), "nothing overlaps on a slot"
     assert end == 8  # per slot: merge 1 + evaluate 3, twice
 
 
@@ -122,7 +133,7 @@ def test_buffered_merges_ahead_so_a_slot_does_not_wait_for_merges():
     for slot in ("s0", "s1"):
         evaluations = evaluations_of(intervals, slot)
         assert len(evaluations) == 3
-        gaps = [b_start - a_end for (_, a_end), (b_start, _) in zip(evaluations, evaluations[1:])]
+        gaps = [b_start - a_end for (_, a_end), (b_start, _) in pairwise(evaluations)]
         assert gaps == [0, 0], "after the first merge, the slot evaluates back to back"
     assert end == 1 + 3 * 3  # serial would take 3 x (1 + 3) = 12
 

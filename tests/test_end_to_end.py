@@ -1,21 +1,21 @@
 """The ``evomerge`` command end to end: tiny models, real lm-eval tasks, a real Prefect server,
-a local Ray cluster. These are the checks a user would make of a finished or interrupted run."""
+a Ray cluster. These are the checks a user would make of a finished run: the session's reference
+search (its own private server and Ray, as a user runs it; conftest.py), and runs joining the
+session's server and two-node cluster. Interrupted runs: tests/test_fault_injection.py."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
+import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
-
-from conftest import REPO, TASKS_DIR, evomerge_command, read_records, run_evomerge, write_config
+from conftest import HELD_OUT, REFERENCE_SEARCH, REPO, TASKS_DIR, read_records, run_evomerge, shared_env, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -26,40 +26,34 @@ def lm_eval_scores(model_path: Path, limit: int) -> dict[str, float]:
     from lm_eval.tasks import TaskManager
 
     out = lm_eval.simple_evaluate(
-        model="hf", model_args={"pretrained": str(model_path), "dtype": "float32"}, device="cpu",
-        tasks=["tiny_shift", "tiny_rev"], batch_size=16, limit=limit, bootstrap_iters=0,
+        model="hf",
+        model_args={"pretrained": str(model_path), "dtype": "float32"},
+        device="cpu",
+        tasks=["tiny_shift", "tiny_rev"],
+        batch_size=16,
+        limit=limit,
+        bootstrap_iters=0,
         task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False),
     )
     return {task: out["results"][task]["acc,none"] for task in ("tiny_shift", "tiny_rev")}
 
 
-# The tiny example has one split per task, so the held-out tasks here are the same tasks with
-# other weights: enough to check the plumbing (separate keys, records and scores).
-HELD_OUT = [{"name": "tiny_rev"}, {"name": "tiny_shift", "weight": 0.5}]
 PARENTS = ["parent base", "parent shift_expert", "parent rev_expert"]
 
 
 @pytest.fixture(scope="module")
-def finished_run(tiny_models, tmp_path_factory):
-    """One complete search with the CLI's own private Prefect server (PREFECT_API_URL unset),
-    its baselines and held-out scores."""
-    tmp = tmp_path_factory.mktemp("e2e")
-    config = write_config(tmp / "config.yml", tiny_models, held_out_tasks=HELD_OUT)
-    storage = tmp / "run"
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    result = run_evomerge(config, storage, "--max-fevals", "8", "--popsize", "4", "--seed", "3", env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return {"config": config, "storage": storage, "result": result}
+def finished_run(reference_search):
+    return {"config": reference_search.config, "storage": reference_search.storage, "result": reference_search.result}
 
 
 def test_the_run_spends_exactly_its_budget_and_reports_it(finished_run):
     storage = finished_run["storage"]
     summary = json.loads((storage / "summary.json").read_text())
     records = read_records(storage)
-    assert summary["evaluations"] == 8 == len(records)
-    assert summary["generations"] == 2
-    assert len({r["key"] for r in records}) == 8
-    assert "evaluations spent : 8 of 8" in finished_run["result"].stdout
+    assert summary["evaluations"] == 16 == len(records)
+    assert summary["generations"] == 4
+    assert len({r["key"] for r in records}) == 16
+    assert "evaluations spent : 16 of 16" in finished_run["result"].stdout
     assert "Prefect UI at http://127.0.0.1:" in finished_run["result"].stdout
 
 
@@ -75,7 +69,7 @@ def test_every_record_holds_what_a_user_needs(finished_run):
         assert t["merge"] > 0 and t["load"] > 0 and t["evaluate"] > 0 and t["total"] >= t["merge"] + t["evaluate"]
         assert r["slot"] in {"slot-0", "slot-1"} and r["node"]
     assert {r["slot"] for r in records} == {"slot-0", "slot-1"}, "both slots did work"
-    assert sorted((r["generation"], r["index"]) for r in records) == [(g, i) for g in (0, 1) for i in range(4)]
+    assert sorted((r["generation"], r["index"]) for r in records) == [(g, i) for g in range(4) for i in range(4)]
 
 
 def test_best_config_is_the_best_record_and_mergekit_reproduces_its_score(finished_run, tmp_path):
@@ -106,12 +100,13 @@ def test_baselines_are_scored_first_kept_apart_and_equal_plain_lm_eval(finished_
     candidates = read_records(storage)
     assert max(r["finished_at"] for r in baselines) < min(r["finished_at"] for r in candidates), "before the search"
     summary = json.loads((storage / "summary.json").read_text())
-    assert summary["evaluations"] == 8, "baselines are not counted in --max-fevals"
+    assert summary["evaluations"] == 16, "baselines are not counted in --max-fevals"
     assert summary["best_key"] in {r["key"] for r in candidates}, "a baseline is never the best config"
     by_label = {r["label"]: r for r in baselines}
     # A parent's baseline is the parent itself: plain lm-eval on its folder gives the same numbers.
     assert lm_eval_scores(tiny_models["rev_expert"], limit=24) == {
-        t: by_label["parent rev_expert"]["metrics"][t]["acc,none"] for t in ("tiny_shift", "tiny_rev")}
+        t: by_label["parent rev_expert"]["metrics"][t]["acc,none"] for t in ("tiny_shift", "tiny_rev")
+    }
     comparison = summary["comparison"]
     parents = {label: by_label[label]["score"] for label in PARENTS}
     assert comparison["best_parent"] == max(parents, key=parents.get)
@@ -145,8 +140,9 @@ def test_held_out_scores_of_the_best_candidates_and_the_baselines(finished_run):
         assert numbers["standard_error"] == pytest.approx(expected.standard_error)
     assert set(summary["held_out_vs_baselines"]) == set(baseline_keys)
 
-    done = subprocess.run([sys.executable, "-m", "evomerge.cli", "report", str(storage)], cwd=REPO,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "evomerge.cli", "report", str(storage)], cwd=REPO, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = (storage / "report.md").read_text()
     assert report.strip() in done.stdout
@@ -164,95 +160,66 @@ def test_scratch_merges_are_deleted(finished_run):
 def test_generation_logs_hold_the_told_scores(finished_run):
     storage = finished_run["storage"]
     records = {r["key"]: r for r in read_records(storage)}
-    for n in (0, 1):
+    for n in range(4):
         log = json.loads((storage / "checkpoints" / f"{n:05d}.json").read_text())
         assert log["scores_told"] == [records[k]["score"] for k in log["keys"]]
 
 
-def test_same_command_again_continues_without_reevaluating(finished_run):
+def test_same_command_again_continues_without_reevaluating(finished_run, tmp_path, prefect_api, ray_cluster):
     """A finished run started again spends nothing: every key already has a record."""
-    storage = finished_run["storage"]
+    storage = tmp_path / "run"
+    shutil.copytree(finished_run["storage"], storage)
     before = {p.name: p.stat().st_mtime_ns for p in (storage / "records").iterdir()}
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    result = run_evomerge(finished_run["config"], storage, "--max-fevals", "8", "--popsize", "4", "--seed", "3", env=env)
+    result = run_evomerge(
+        finished_run["config"],
+        storage,
+        *REFERENCE_SEARCH,
+        "--ray-address",
+        ray_cluster.address,
+        env=shared_env(prefect_api),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     after = {p.name: p.stat().st_mtime_ns for p in (storage / "records").iterdir()}
     assert after == before
+    assert "evaluations spent : 16 of 16" in result.stdout
 
 
 def test_another_search_on_the_same_path_is_refused(finished_run):
-    result = run_evomerge(finished_run["config"], finished_run["storage"], "--max-fevals", "8", "--seed", "4")
+    result = run_evomerge(finished_run["config"], finished_run["storage"], "--max-fevals", "16", "--seed", "4")
     assert result.returncode == 2, "refused before any work, like other bad input"
     assert "Prefect" not in result.stdout
     assert "holds another search" in result.stderr and "Use a new --storage-path" in result.stderr
 
 
-def test_ctrl_c_stops_within_seconds_and_the_same_command_finishes_the_run(tiny_models, tmp_path, prefect_api):
-    config = write_config(tmp_path / "config.yml", tiny_models)
-    storage = tmp_path / "run"
-    env = dict(os.environ, PREFECT_API_URL=prefect_api)
-    args = ("--max-fevals", "16", "--popsize", "4", "--seed", "5", "--no-baselines")  # more than it can finish while the second run is refused
-    process = subprocess.Popen(
-        evomerge_command(config, storage, *args), cwd=REPO, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and len(list((storage / "records").glob("*.json"))) < 2:
-        assert process.poll() is None, process.communicate()
-        time.sleep(0.2)
-    # A second run on the same path is refused while the first holds it, naming the holder.
-    second = run_evomerge(config, storage, *args, env=env)
-    assert second.returncode == 2
-    assert f"in use by another evomerge run: pid {process.pid}" in second.stderr
-
-    process.send_signal(signal.SIGINT)
-    interrupted = time.monotonic()
-    out, err = process.communicate(timeout=60)
-    stop_seconds = time.monotonic() - interrupted
-    assert process.returncode == 130, err[-3000:]
-    assert stop_seconds < 30, f"Ctrl-C took {stop_seconds:.1f} s"
-    assert "run the same command again to continue" in err
-    assert not (storage / "lease.json").exists(), "the lease is released on Ctrl-C"
-    kept = read_records(storage)
-    assert 2 <= len(kept) < 16
-    assert yaml.safe_load((storage / "best_config.yaml").read_text())["merge_method"] == "task_arithmetic"
-
-    result = run_evomerge(config, storage, *args, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    records = read_records(storage)
-    assert len(records) == 16 == json.loads((storage / "summary.json").read_text())["evaluations"]
-    by_key = {r["key"]: r for r in records}
-    assert all(by_key[r["key"]] == r for r in kept), "records from before Ctrl-C are untouched"
-
-    # The Prefect server shows one subflow per generation, named by its number, and the
-    # candidates' placement tags.
-    with httpx.Client(base_url=prefect_api, timeout=30) as client:
-        flow_runs = client.post("/flow_runs/filter", json={"limit": 200}).json()
-        names = {fr["name"] for fr in flow_runs}
-        assert {"generation-0", "generation-1"} <= names
-        task_runs = client.post("/task_runs/filter", json={"limit": 200}).json()
-        tags = {tag for tr in task_runs for tag in tr["tags"]}
-        assert {"strategy:pool", "slot:slot-0", "slot:slot-1"} <= tags
-
-
-def test_a_metric_no_task_produces_stops_at_the_first_evaluation(tiny_models, tmp_path, prefect_api):
+def test_a_metric_no_task_produces_stops_at_the_first_evaluation(tiny_models, tmp_path, prefect_api, ray_cluster):
     config = write_config(tmp_path / "config.yml", tiny_models, tasks=[{"name": "tiny_rev", "metric": "f1,none"}])
-    env = dict(os.environ, PREFECT_API_URL=prefect_api)
-    result = run_evomerge(config, tmp_path / "run", "--max-fevals", "8", "--popsize", "4", env=env)
+    result = run_evomerge(
+        config,
+        tmp_path / "run",
+        "--max-fevals",
+        "8",
+        "--popsize",
+        "4",
+        "--ray-address",
+        ray_cluster.address,
+        env=shared_env(prefect_api),
+    )
     assert result.returncode == 1
     assert "task 'tiny_rev' does not produce metric 'f1,none'; it produces acc,none. Set" in result.stderr
     assert read_records(tmp_path / "run") == []
     assert not (tmp_path / "run" / "checkpoints").exists(), "no generation was spent"
 
 
-def test_a_run_on_s3_storage(tiny_models, tmp_path, prefect_api, s3_endpoint):
+def test_a_run_on_s3_storage(tiny_models, tmp_path, prefect_api, s3_endpoint, ray_cluster):
     """Records, best config, summary and final model on a real S3 API (moto_server, loopback)."""
     import s3fs
 
     config = write_config(tmp_path / "config.yml", tiny_models)
     storage = "s3://evomerge-test/e2e-run"
-    env = dict(os.environ, PREFECT_API_URL=prefect_api, WANDB_API_KEY="sentinel-wandb-key-4567")
-    result = run_evomerge(config, storage, "--max-fevals", "4", "--popsize", "4", env=env)
+    env = shared_env(prefect_api, WANDB_API_KEY="sentinel-wandb-key-4567")
+    result = run_evomerge(
+        config, storage, "--max-fevals", "4", "--popsize", "4", "--ray-address", ray_cluster.address, env=env
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     fs = s3fs.S3FileSystem()
     fs.invalidate_cache()
@@ -264,9 +231,13 @@ def test_a_run_on_s3_storage(tiny_models, tmp_path, prefect_api, s3_endpoint):
         artifacts = client.post("/artifacts/filter", json={"limit": 200}).json()
     fingerprint = json.loads(fs.cat_file(f"{storage}/run.json"))["fingerprint"]
     mine = {a["key"]: a for a in artifacts if a["key"] and fingerprint in a["key"]}
-    assert set(mine) == {f"evomerge-{fingerprint}-{what}" for what in (
-        "candidates", "best-config", "progress", "baselines", "comparison", "fitness-plot")}
-    assert mine[f"evomerge-{fingerprint}-fitness-plot"]["data"].startswith("![fitness over evaluations](data:image/png;base64,")
+    assert set(mine) == {
+        f"evomerge-{fingerprint}-{what}"
+        for what in ("candidates", "best-config", "progress", "baselines", "comparison", "fitness-plot")
+    }
+    assert mine[f"evomerge-{fingerprint}-fitness-plot"]["data"].startswith(
+        "![fitness over evaluations](data:image/png;base64,"
+    )
     assert "| uniform merge |" in mine[f"evomerge-{fingerprint}-comparison"]["data"]
     table = mine[f"evomerge-{fingerprint}-candidates"]["data"]
     table = json.loads(table) if isinstance(table, str) else table
@@ -282,40 +253,3 @@ def test_a_run_on_s3_storage(tiny_models, tmp_path, prefect_api, s3_endpoint):
     assert yaml.safe_load(fs.cat_file(f"{storage}/best_config.yaml"))["merge_method"] == "task_arithmetic"
     assert fs.exists(f"{storage}/final_model/model.safetensors")
     assert not fs.exists(f"{storage}/lease.json")
-
-
-def test_kill_9_of_the_driver_then_the_same_command_finishes_with_nothing_lost(tiny_models, tmp_path):
-    """SIGKILL mid-run (candidates in flight): the private Prefect server does not outlive the
-    driver, the dead run's lease is taken over, and the restarted run keeps every record and
-    evaluates no key twice."""
-    config = write_config(tmp_path / "config.yml", tiny_models)
-    storage = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    args = ("--max-fevals", "8", "--popsize", "4", "--seed", "9", "--no-baselines")
-    log = open(tmp_path / "first.log", "w")
-    process = subprocess.Popen(evomerge_command(config, storage, *args), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and len(list((storage / "records").glob("*.json"))) < 2:
-        assert process.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        time.sleep(0.2)
-    process.kill()
-    process.wait()
-    kept = read_records(storage)
-    assert 2 <= len(kept) < 8
-    ui = next(line for line in (tmp_path / "first.log").read_text().splitlines() if "Prefect UI at" in line)
-    api = ui.split("Prefect UI at ")[1].split()[0] + "/api/health"
-    for _ in range(40):  # the orphan guard stops the private server within seconds
-        try:
-            httpx.get(api, timeout=1)
-            time.sleep(0.5)
-        except httpx.HTTPError:
-            break
-    else:
-        pytest.fail("the private Prefect server outlived its killed driver")
-
-    result = run_evomerge(config, storage, *args, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "took over the stale lease" in result.stdout + result.stderr
-    records = {r["key"]: r for r in read_records(storage)}
-    assert len(records) == 8 == json.loads((storage / "summary.json").read_text())["evaluations"]
-    assert all(records[r["key"]] == r for r in kept), "records from before the kill are untouched"

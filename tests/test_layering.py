@@ -5,8 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-CORE = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "evomerge" / "core").glob("*.py")
-              if p.stem != "__init__")
+CORE = sorted(
+    p.stem for p in (Path(__file__).resolve().parents[1] / "evomerge" / "core").glob("*.py") if p.stem != "__init__"
+)
 
 BLOCKED = ["torch", "ray", "prefect", "lm_eval", "mergekit", "transformers", "fsspec", "prefect_ray", "yaml"]
 

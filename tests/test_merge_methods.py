@@ -46,8 +46,7 @@ def test_entry_agrees_with_mergekits_spec(name):
 
 def test_random_methods_are_the_ones_that_draw():
     sparsification = {
-        m.spec.name: getattr(m, "sparsification_method", None)
-        for m in mergekit_methods.registered_methods()
+        m.spec.name: getattr(m, "sparsification_method", None) for m in mergekit_methods.registered_methods()
     }
     random = {n for n, s in sparsification.items() if s is not None and s.value in ("random", "della_magprune")}
     assert {n for n, m in METHODS.items() if m.random} == random

@@ -61,9 +61,7 @@ def sources(tiny_models, tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def merger(sources) -> InMemoryMerger:
-    return InMemoryMerger(
-        [sources["shift_expert"], sources["rev_expert"]], base_model=sources["base"]
-    )
+    return InMemoryMerger([sources["shift_expert"], sources["rev_expert"]], base_model=sources["base"])
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +76,7 @@ def resident(sources):
     return LlamaForCausalLM.from_pretrained(sources["base"]).eval()
 
 
-def make_space(
-    sources, method: str, granularity: int, dtype: str = "float32", **genome
-) -> SearchSpace:
+def make_space(sources, method: str, granularity: int, dtype: str = "float32", **genome) -> SearchSpace:
     experts = [sources["shift_expert"], sources["rev_expert"]]
     spec = {"merge_method": method, "layer_granularity": granularity, **genome}
     base = merge_methods.METHODS[method].base
@@ -97,9 +93,7 @@ def make_space(
 def sample_configs(space: SearchSpace, n: int = 2, seed: int = 0) -> list[dict]:
     """The start point and random vectors (negatives and values above 1 exercise the clipping)."""
     rng = np.random.default_rng(seed)
-    vectors = [space.initial_point()] + [
-        rng.normal(0.4, 0.5, space.dimension) for _ in range(n - 1)
-    ]
+    vectors = [space.initial_point()] + [rng.normal(0.4, 0.5, space.dimension) for _ in range(n - 1)]
     return [space.decode(x) for x in vectors]
 
 
@@ -121,9 +115,7 @@ def assert_identical(mine: dict[str, torch.Tensor], reference: dict[str, torch.T
 # --- exactness against run_merge ------------------------------------------------------------------
 @pytest.mark.parametrize("granularity", [1, 2])
 @pytest.mark.parametrize("method", METHODS)
-def test_merge_equals_mergekit_on_disk_bit_for_bit(
-    method, granularity, sources, merger, disk_merger, tmp_path
-):
+def test_merge_equals_mergekit_on_disk_bit_for_bit(method, granularity, sources, merger, disk_merger, tmp_path):
     space = make_space(sources, method, granularity)
     for i, config in enumerate(sample_configs(space, n=3, seed=granularity)):
         reference = merge_on_disk(disk_merger, config, tmp_path / f"c{i}")
@@ -160,9 +152,7 @@ VARIANTS = {
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_filters_gradients_and_bf16_also_match_exactly(
-    variant, sources, merger, disk_merger, tmp_path
-):
+def test_filters_gradients_and_bf16_also_match_exactly(variant, sources, merger, disk_merger, tmp_path):
     options = dict(VARIANTS[variant])
     space = make_space(
         sources,
@@ -200,9 +190,7 @@ def test_slerp_of_colinear_tensors_interpolates_linearly(sources, disk_merger, t
         torch.testing.assert_close(tensor, 1.15 * base[name])
 
 
-def test_tensors_outside_the_layers_follow_the_first_and_last_slice(
-    sources, merger, disk_merger, tmp_path
-):
+def test_tensors_outside_the_layers_follow_the_first_and_last_slice(sources, merger, disk_merger, tmp_path):
     """Embeddings: first slice; final norm and lm_head: last slice; with gradients, all three
     take the gradient's FIRST value (mergekit evaluates them at t = 0)."""
     space = make_space(sources, "task_arithmetic", 2)
@@ -213,23 +201,15 @@ def test_tensors_outside_the_layers_follow_the_first_and_last_slice(
     first["slices"][1]["sources"] = [
         {**s, "layer_range": [2, 4]} for s in copy.deepcopy(config["slices"][0]["sources"])
     ]
-    last["slices"][0]["sources"] = [
-        {**s, "layer_range": [0, 2]} for s in copy.deepcopy(config["slices"][1]["sources"])
-    ]
+    last["slices"][0]["sources"] = [{**s, "layer_range": [0, 2]} for s in copy.deepcopy(config["slices"][1]["sources"])]
     with_first, with_last = merger.merged_tensors(first), merger.merged_tensors(last)
-    assert torch.equal(
-        with_first["model.embed_tokens.weight"], reference["model.embed_tokens.weight"]
-    )
-    assert not torch.equal(
-        with_last["model.embed_tokens.weight"], reference["model.embed_tokens.weight"]
-    )
+    assert torch.equal(with_first["model.embed_tokens.weight"], reference["model.embed_tokens.weight"])
+    assert not torch.equal(with_last["model.embed_tokens.weight"], reference["model.embed_tokens.weight"])
     for name in ("model.norm.weight", "lm_head.weight"):
         assert torch.equal(with_last[name], reference[name])
         assert not torch.equal(with_first[name], reference[name])
 
-    smooth = make_space(sources, "task_arithmetic", 2, smooth=True).decode(
-        np.array([0.2, 0.9, 0.7, 0.3])
-    )
+    smooth = make_space(sources, "task_arithmetic", 2, smooth=True).decode(np.array([0.2, 0.9, 0.7, 0.3]))
     reference = merge_on_disk(disk_merger, smooth, tmp_path / "smooth")
     for index, matches in ((0, True), (-1, False)):
         scalar = copy.deepcopy(smooth)
@@ -269,9 +249,7 @@ def test_resident_model_scores_like_a_reload_of_the_disk_merge(
         assert torch.equal(resident(input_ids=ids).logits, reloaded(input_ids=ids).logits)
 
 
-def test_a_second_merge_leaves_no_trace_of_the_first(
-    sources, merger, disk_merger, resident, tmp_path
-):
+def test_a_second_merge_leaves_no_trace_of_the_first(sources, merger, disk_merger, resident, tmp_path):
     a = sample_configs(make_space(sources, "ties", 1), n=2, seed=11)[1]
     b = sample_configs(make_space(sources, "slerp", 2), n=2, seed=12)[1]
     reference = merge_on_disk(disk_merger, b, tmp_path / "b")
@@ -289,9 +267,7 @@ def test_tied_embeddings_follow_the_merged_embedding_table(tiny_models, disk_mer
     from transformers import LlamaConfig, LlamaForCausalLM
 
     shape = {"vocab_size": 265, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
-    config = LlamaConfig(
-        **shape, num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True
-    )
+    config = LlamaConfig(**shape, num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     paths = {}
@@ -310,9 +286,7 @@ def test_tied_embeddings_follow_the_merged_embedding_table(tiny_models, disk_mer
         "merge_method": "ties",
     }
     space = SearchSpace(
-        EvolveConfig.model_validate(
-            {"genome": {**genome, "layer_granularity": 1}, "tasks": ["t"]}
-        ).genome,
+        EvolveConfig.model_validate({"genome": {**genome, "layer_granularity": 1}, "tasks": ["t"]}).genome,
         2,
         "float32",
     )

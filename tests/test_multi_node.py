@@ -1,39 +1,39 @@
-"""Two Ray nodes on one machine (Ray's own test cluster): every slot is used, and a candidate's
-merge and evaluation happen on the node its slot is on. The run joins the cluster with
-``--ray-address``, as it would join a real one."""
+"""Two Ray nodes on one machine (the session's cluster, Ray's own test cluster): every strategy
+uses every slot, and a candidate's merge and evaluation happen on the node its slot is on. The
+runs join the cluster with ``--ray-address``, as they would join a real one; and a cluster
+started with ``ray start --head`` is joined and left running."""
 
 from __future__ import annotations
 
 import os
 
 import pytest
-
-from conftest import read_records, run_evomerge, write_config
+from conftest import read_records, run_evomerge, shared_env, write_config
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def two_nodes():
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
-    node_ids = {cluster.head_node.node_id, *(n.node_id for n in cluster.worker_nodes)}
-    assert len(node_ids) == 2
-    yield cluster.address, node_ids
-    cluster.shutdown()
-
-
-def run_on_two_nodes(address, node_ids, config, storage, env, *extra):
+def run_on_two_nodes(cluster, config, storage, env, *extra):
     # Baselines off: the search's placement is what these runs check.
-    result = run_evomerge(config, storage, "--max-fevals", "8", "--popsize", "4", "--seed", "2",
-                          "--no-baselines", "--ray-address", address, *extra, env=env)
+    result = run_evomerge(
+        config,
+        storage,
+        "--max-fevals",
+        "8",
+        "--popsize",
+        "4",
+        "--seed",
+        "2",
+        "--no-baselines",
+        "--ray-address",
+        cluster.address,
+        *extra,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     records = read_records(storage)
     assert len(records) == 8 and all(r["status"] == "ok" for r in records), [r["error"] for r in records]
-    assert {r["eval_node_id"] for r in records} == node_ids, "both nodes evaluated candidates"
+    assert {r["eval_node_id"] for r in records} == cluster.node_ids, "both nodes evaluated candidates"
     assert all(r["merge_node_id"] == r["eval_node_id"] for r in records), "merged where evaluated"
     by_slot = {}
     for r in records:
@@ -43,28 +43,26 @@ def run_on_two_nodes(address, node_ids, config, storage, env, *extra):
 
 
 @pytest.fixture(scope="module")
-def pool_run(two_nodes, tiny_models, tmp_path_factory, prefect_api):
+def in_memory_pool_run(ray_cluster, tiny_models, tmp_path_factory, prefect_api):
+    """The pool strategy with --in-memory: each slot merges into its resident model."""
     tmp = tmp_path_factory.mktemp("pool")
     config = write_config(tmp / "config.yml", tiny_models)
-    env = dict(os.environ, PREFECT_API_URL=prefect_api)
-    records = run_on_two_nodes(*two_nodes, config, tmp / "run", env)
+    records = run_on_two_nodes(ray_cluster, config, tmp / "run", shared_env(prefect_api), "--in-memory")
+    assert all(r["timings"]["load"] == 0.0 for r in records), "in memory: nothing loaded per candidate"
     return config, {r["key"]: r["score"] for r in records}
 
 
-@pytest.mark.parametrize("mode", ["in-memory", "serial", "buffered"])
-def test_every_strategy_uses_every_slot_keeps_candidates_on_one_node_and_scores_like_pool(
-    two_nodes, pool_run, tmp_path, prefect_api, mode
+# The on-disk pool strategy on these two nodes: every other CLI test of the session joins them.
+@pytest.mark.parametrize("strategy", ["serial", "buffered"])
+def test_every_strategy_on_disk_uses_every_slot_keeps_candidates_on_one_node_and_scores_like_in_memory(
+    ray_cluster, in_memory_pool_run, tmp_path, prefect_api, strategy
 ):
-    config, pool_scores = pool_run
-    env = dict(os.environ, PREFECT_API_URL=prefect_api)
-    extra = ["--in-memory"] if mode == "in-memory" else ["--strategy", mode]
-    records = run_on_two_nodes(*two_nodes, config, tmp_path / "run", env, *extra)
-    if mode == "in-memory":
-        assert all(r["timings"]["load"] == 0.0 for r in records), "in memory: nothing loaded per candidate"
-    else:
-        assert all(r["timings"]["merge"] > 0 and r["timings"]["load"] > 0 for r in records)
-    # task_arithmetic is deterministic: the same seed reaches the same candidates and scores.
-    assert {r["key"]: r["score"] for r in records} == pool_scores
+    config, in_memory_scores = in_memory_pool_run
+    records = run_on_two_nodes(ray_cluster, config, tmp_path / "run", shared_env(prefect_api), "--strategy", strategy)
+    assert all(r["timings"]["merge"] > 0 and r["timings"]["load"] > 0 for r in records)
+    # task_arithmetic is deterministic and the in-memory merge is mergekit's own: the same seed
+    # reaches the same candidates and scores.
+    assert {r["key"]: r["score"] for r in records} == in_memory_scores
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +86,23 @@ def ray_start_head(tmp_path_factory):
     ray = Path(sys.executable).with_name("ray")
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [str(ray), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
-             "--num-cpus", "2", "--include-dashboard=false", "--disable-usage-stats"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                str(ray),
+                "start",
+                "--head",
+                "--block",
+                "--node-ip-address",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--num-cpus",
+                "2",
+                "--include-dashboard=false",
+                "--disable-usage-stats",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
             env=dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"),
         )
     deadline = time.monotonic() + 120
@@ -108,7 +120,9 @@ def ray_start_head(tmp_path_factory):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
 
-def test_a_cluster_started_with_ray_start_head_is_joined_and_left_running(ray_start_head, tiny_models, tmp_path, prefect_api):
+def test_a_cluster_started_with_ray_start_head_is_joined_and_left_running(
+    ray_start_head, tiny_models, tmp_path, prefect_api
+):
     import json
     import subprocess
     import sys
@@ -118,16 +132,33 @@ def test_a_cluster_started_with_ray_start_head_is_joined_and_left_running(ray_st
     # `ray start` turns on token authentication; Ray sends the token (~/.ray/auth_token) to an
     # explicit address only when told to.
     env = dict(os.environ, PREFECT_API_URL=prefect_api, RAY_AUTH_MODE="token")
-    result = run_evomerge(config, tmp_path / "run", "--max-fevals", "4", "--popsize", "4", "--no-baselines",
-                          "--ray-address", address, env=env)
+    result = run_evomerge(
+        config,
+        tmp_path / "run",
+        "--max-fevals",
+        "4",
+        "--popsize",
+        "4",
+        "--no-baselines",
+        "--ray-address",
+        address,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     records = read_records(tmp_path / "run")
     assert len(records) == 4 and all(r["status"] == "ok" for r in records)
     assert process.poll() is None, "evomerge leaves a cluster it did not start running"
     nodes = subprocess.run(
-        [sys.executable, "-c", "import json, ray; ray.init(address=%r, log_to_driver=False); "
-         "print(json.dumps([n['NodeID'] for n in ray.nodes()]))" % address],
-        env=env, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-c",
+            f"import json, ray; ray.init(address={address!r}, log_to_driver=False); "
+            "print(json.dumps([n['NodeID'] for n in ray.nodes()]))",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert nodes.returncode == 0, nodes.stderr[-2000:]
     assert {r["eval_node_id"] for r in records} <= set(json.loads(nodes.stdout.strip().splitlines()[-1]))

@@ -21,7 +21,9 @@ def make_data():
 def test_shipped_data_are_regenerated_byte_for_byte_and_the_splits_are_disjoint(tmp_path):
     module = make_data()
     written = module.write_data(tmp_path)
-    assert {p.name for p in written} == {f"{s}_{split}.jsonl" for s in ("shift", "rev") for split in ("validation", "test")}
+    assert {p.name for p in written} == {
+        f"{s}_{split}.jsonl" for s in ("shift", "rev") for split in ("validation", "test")
+    }
     inputs = {}
     for path in written:
         assert path.read_bytes() == (EXAMPLE / "tasks" / "data" / path.name).read_bytes(), path.name
@@ -37,8 +39,11 @@ def test_the_demo_config_validates_as_shipped(monkeypatch):
     from evomerge.backends.prepare import build_options, prepare_run
 
     monkeypatch.chdir(REPO)
-    spec = prepare_run("examples/multiskill/config.yml", "/tmp/unused-storage",
-                       build_options(task_search_path=["examples/multiskill/tasks"]))
+    spec = prepare_run(
+        "examples/multiskill/config.yml",
+        "/tmp/unused-storage",
+        build_options(task_search_path=["examples/multiskill/tasks"]),
+    )
     assert spec.models.num_layers == 4 and spec.search_space().dimension == 8
     assert [t.name for t in spec.config.held_out_tasks] == ["multiskill_shift_test", "multiskill_rev_test"]
     assert spec.include_default_tasks is False

@@ -45,26 +45,75 @@ def test_a_cli_command_line_becomes_the_same_run_options_as_the_flow_parameters(
     from evomerge.core.options import options_from_parameters
 
     seen = {}
-    monkeypatch.setattr("evomerge.backends.prepare.prepare_run",
-                        lambda config, storage, options, **kw: (_ for _ in ()).throw(ConfigurationError(repr(options))))
-    args = ["--random-seed", "7", "--force-population-size", "6", "--no-baselines", "-s", "serial",
-            "--task-search-path", "a", "--task-search-path", "b", "--searcher", "random", "--timeout", "60"]
+    monkeypatch.setattr(
+        "evomerge.backends.prepare.prepare_run",
+        lambda config, storage, options, **kw: (_ for _ in ()).throw(ConfigurationError(repr(options))),
+    )
+    args = [
+        "--random-seed",
+        "7",
+        "--force-population-size",
+        "6",
+        "--no-baselines",
+        "-s",
+        "serial",
+        "--task-search-path",
+        "a",
+        "--task-search-path",
+        "b",
+        "--searcher",
+        "random",
+        "--timeout",
+        "60",
+    ]
     result = CliRunner().invoke(main, [str(tmp_path / "c.yml"), "--storage-path", str(tmp_path / "s"), *args])
     seen["cli"] = result.output
-    flow_values = {"seed": 7, "popsize": 6, "baselines": False, "strategy": "serial", "task_search_path": ["a", "b"],
-                   "searcher": "random", "timeout": 60.0}
+    flow_values = {
+        "seed": 7,
+        "popsize": 6,
+        "baselines": False,
+        "strategy": "serial",
+        "task_search_path": ["a", "b"],
+        "searcher": "random",
+        "timeout": 60.0,
+    }
     expected = build_options(**options_from_parameters(flow_values))
     assert repr(expected) in seen["cli"]
 
 
 UPSTREAM_FLAGS = [
-    "--max-fevals", "--vllm", "--no-vllm", "--strategy", "-s", "--in-memory", "--no-in-memory",
-    "--storage-path", "--num-gpus", "--merge-cuda", "--no-merge-cuda", "--trust-remote-code",
-    "--no-trust-remote-code", "--allow-crimes", "--no-allow-crimes", "--random-seed",
-    "--batch-size", "--sigma0", "--wandb", "--no-wandb", "--wandb-project", "--wandb-entity",
-    "--task-search-path", "--i-understand-the-depths-of-the-evils-i-am-unleashing",
-    "--save-final-model", "--no-save-final-model", "--reshard", "--no-reshard", "--timeout",
-    "--load-in-8bit", "--load-in-4bit", "--force-population-size",
+    "--max-fevals",
+    "--vllm",
+    "--no-vllm",
+    "--strategy",
+    "-s",
+    "--in-memory",
+    "--no-in-memory",
+    "--storage-path",
+    "--num-gpus",
+    "--merge-cuda",
+    "--no-merge-cuda",
+    "--trust-remote-code",
+    "--no-trust-remote-code",
+    "--allow-crimes",
+    "--no-allow-crimes",
+    "--random-seed",
+    "--batch-size",
+    "--sigma0",
+    "--wandb",
+    "--no-wandb",
+    "--wandb-project",
+    "--wandb-entity",
+    "--task-search-path",
+    "--i-understand-the-depths-of-the-evils-i-am-unleashing",
+    "--save-final-model",
+    "--no-save-final-model",
+    "--reshard",
+    "--no-reshard",
+    "--timeout",
+    "--load-in-8bit",
+    "--load-in-4bit",
+    "--force-population-size",
 ]
 
 

@@ -130,7 +130,7 @@ def with_layers_from(model, donor, layers: list[int]):
     with torch.no_grad():
         for i in layers:
             for target, source in zip(
-                broken.model.layers[i].parameters(), donor.model.layers[i].parameters()
+                broken.model.layers[i].parameters(), donor.model.layers[i].parameters(), strict=True
             ):
                 target.copy_(source)
     return broken
@@ -214,9 +214,7 @@ METHODS: dict[str, Method] = {
 
 
 def make_space(method: str, planted: Planted) -> SearchSpace:
-    genome = GenomeDefinition(
-        layer_granularity=LAYER_GRANULARITY, **METHODS[method].genome(planted)
-    )
+    genome = GenomeDefinition(layer_granularity=LAYER_GRANULARITY, **METHODS[method].genome(planted))
     return SearchSpace(genome, NUM_LAYERS, dtype="float32")
 
 
@@ -230,7 +228,7 @@ def parameter_errors(
     """``{label: (distance from the planted recipe, margin)}`` for every parameter that matters."""
     values = space.canonical(x)
     if method == "linear":
-        table = {(c.group, c.model): v for c, v in zip(space.coordinates, values)}
+        table = {(c.group, c.model): v for c, v in zip(space.coordinates, values, strict=True)}
         errors = {}
         for g in range(space.num_groups):
             broken = planted.a if g in BROKEN_IN_A else planted.b
@@ -240,7 +238,7 @@ def parameter_errors(
     target = space.canonical(recipe_vector(method, space, planted))
     return {
         c.label(space): (abs(v - t), PARAMETER_MARGINS[c.parameter])
-        for c, v, t in zip(space.coordinates, values, target)
+        for c, v, t in zip(space.coordinates, values, target, strict=True)
         # where b is broken the weight on b is ~0, and the density of nothing changes nothing
         if not (c.parameter == "density" and not broken_in_a(c))
     }

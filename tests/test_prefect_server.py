@@ -12,7 +12,9 @@ pytestmark = pytest.mark.integration
 
 def services(server) -> dict:
     settings = httpx.get(f"{server.api_url}/admin/settings", timeout=30).json()
-    return {name: value.get("enabled") for name, value in settings["server"]["services"].items() if isinstance(value, dict)}
+    return {
+        name: value.get("enabled") for name, value in settings["server"]["services"].items() if isinstance(value, dict)
+    }
 
 
 def test_a_snapshot_of_the_first_servers_database_starts_the_next_ones(tmp_path, monkeypatch):

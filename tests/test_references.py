@@ -25,17 +25,40 @@ HELD_SETTINGS = EvaluationSettings(tasks=HELD)
 
 
 def space() -> SearchSpace:
-    genome = GenomeDefinition(models=["/m/shift", "/m/rev"], base_model="/m/base",
-                              merge_method="task_arithmetic", layer_granularity=2)
+    genome = GenomeDefinition(
+        models=["/m/shift", "/m/rev"], base_model="/m/base", merge_method="task_arithmetic", layer_granularity=2
+    )
     return SearchSpace(genome, num_layers=4, dtype="float32")
 
 
-def record(key, score, *, generation=0, index=0, kind="candidate", label="", held_out=False,
-           search_key="", items=None, metrics=None):
+def record(
+    key,
+    score,
+    *,
+    generation=0,
+    index=0,
+    kind="candidate",
+    label="",
+    held_out=False,
+    search_key="",
+    items=None,
+    metrics=None,
+):
     return CandidateRecord(
-        key=key, generation=generation, index=index, vector=[], parameters={}, merge_config={"k": key},
-        status="ok" if score is not None else "failed", score=score, kind=kind, label=label,
-        held_out=held_out, search_key=search_key, item_scores=items or {}, metrics=metrics or {},
+        key=key,
+        generation=generation,
+        index=index,
+        vector=[],
+        parameters={},
+        merge_config={"k": key},
+        status="ok" if score is not None else "failed",
+        score=score,
+        kind=kind,
+        label=label,
+        held_out=held_out,
+        search_key=search_key,
+        item_scores=items or {},
+        metrics=metrics or {},
     )
 
 
@@ -43,8 +66,11 @@ def test_baselines_are_each_parent_passed_through_and_the_uniform_merge():
     s = space()
     requests = baseline_requests(s, SETTINGS, None, {})
     assert [r.label for r in requests] == ["parent base", "parent shift", "parent rev", "uniform merge"]
-    assert requests[1].merge_config == {"merge_method": "passthrough", "models": [{"model": "/m/shift"}],
-                                        "dtype": "float32"}
+    assert requests[1].merge_config == {
+        "merge_method": "passthrough",
+        "models": [{"model": "/m/shift"}],
+        "dtype": "float32",
+    }
     uniform = requests[3]
     assert uniform.merge_config == s.decode(s.initial_point()) and uniform.vector == [0.5] * 4
     assert all(r.kind == "baseline" and not r.held_out and r.generation == -1 for r in requests)
@@ -65,8 +91,16 @@ def test_with_held_out_tasks_each_baseline_is_also_scored_on_them_and_recorded_o
 
 
 def test_top_candidates_and_their_held_out_requests():
-    records = {k: record(k, score, generation=g, index=i) for k, score, g, i in
-               [("k1", 0.5, 0, 0), ("k2", 0.9, 0, 1), ("k3", 0.9, 1, 0), ("k4", None, 1, 1), ("k5", 0.7, 1, 2)]}
+    records = {
+        k: record(k, score, generation=g, index=i)
+        for k, score, g, i in [
+            ("k1", 0.5, 0, 0),
+            ("k2", 0.9, 0, 1),
+            ("k3", 0.9, 1, 0),
+            ("k4", None, 1, 1),
+            ("k5", 0.7, 1, 2),
+        ]
+    }
     top = top_candidates(records, 3)
     assert [r.key for r in top] == ["k2", "k3", "k5"], "best first; a tie goes to the earlier one"
     requests = held_out_requests(top, HELD_SETTINGS, {})
@@ -92,25 +126,44 @@ def test_paired_difference_matches_a_direct_computation():
 def test_comparison_shows_gain_over_best_parent_and_held_out_differences():
     items_best = {"a_test": [1.0, 1.0, 1.0, 0.0], "b_test": [1.0, 1.0, 0.0, 1.0]}
     items_rev = {"a_test": [1.0, 0.0, 0.0, 0.0], "b_test": [1.0, 0.0, 0.0, 1.0]}
-    candidates = {"c1": record("c1", 1.3, metrics={"a": {"acc,none": 0.9}, "b": {"acc,none": 0.8}}),
-                  "c2": record("c2", 1.1, index=1)}
-    baselines = {"p1": record("p1", 1.2, kind="baseline", label="parent rev", index=1),
-                 "p0": record("p0", 0.4, kind="baseline", label="parent base", index=0),
-                 "u": record("u", 1.25, kind="baseline", label="uniform merge", index=2)}
-    held = {"h1": record("h1", 1.0, held_out=True, search_key="c1", items=items_best,
-                         metrics={"a_test": {"acc,none": 0.75}, "b_test": {"acc,none": 0.5}}),
-            "h2": record("h2", 0.4, held_out=True, kind="baseline", label="parent rev", search_key="p1",
-                         items=items_rev)}
+    candidates = {
+        "c1": record("c1", 1.3, metrics={"a": {"acc,none": 0.9}, "b": {"acc,none": 0.8}}),
+        "c2": record("c2", 1.1, index=1),
+    }
+    baselines = {
+        "p1": record("p1", 1.2, kind="baseline", label="parent rev", index=1),
+        "p0": record("p0", 0.4, kind="baseline", label="parent base", index=0),
+        "u": record("u", 1.25, kind="baseline", label="uniform merge", index=2),
+    }
+    held = {
+        "h1": record(
+            "h1",
+            1.0,
+            held_out=True,
+            search_key="c1",
+            items=items_best,
+            metrics={"a_test": {"acc,none": 0.75}, "b_test": {"acc,none": 0.5}},
+        ),
+        "h2": record("h2", 0.4, held_out=True, kind="baseline", label="parent rev", search_key="p1", items=items_rev),
+    }
     rows = comparison_rows(top_candidates(candidates, 2), baselines, held, TASKS, HELD)
     assert [r.label for r in rows] == ["evolved (best)", "evolved #2", "parent base", "parent rev", "uniform merge"]
-    assert rows[0].held_out_score == 1.0 and rows[0].held_out_metrics == {"a_test acc,none": 0.75, "b_test acc,none": 0.5}
+    assert rows[0].held_out_score == 1.0 and rows[0].held_out_metrics == {
+        "a_test acc,none": 0.75,
+        "b_test acc,none": 0.5,
+    }
     assert rows[1].held_out_score is None
     summary = comparison_summary(rows, HELD)
     assert summary["best_parent"] == "parent rev" and summary["gain_over_best_parent"] == pytest.approx(0.1)
     expected = paired_difference(items_best, items_rev, HELD)
-    assert summary["held_out_vs_baselines"] == {"parent rev": {
-        "difference": expected.difference, "standard_error": expected.standard_error,
-        "standard_errors": expected.z, "items": 8}}
+    assert summary["held_out_vs_baselines"] == {
+        "parent rev": {
+            "difference": expected.difference,
+            "standard_error": expected.standard_error,
+            "standard_errors": expected.z,
+            "items": 8,
+        }
+    }
     text = comparison_markdown(rows, TASKS, HELD)
     assert "| evolved (best) | 0.9000 | 0.8000 | 1.3000 | 0.7500 | 0.5000 | 1.0000 |" in text
     assert f"best candidate - parent rev: {expected.difference:+.4f}" in text

@@ -20,8 +20,14 @@ from evomerge.core.records import CandidateRecord
 
 def make_record(key="ab" * 12, score=0.5):
     return CandidateRecord(
-        key=key, generation=0, index=0, vector=[0.1], parameters={"w": 0.1},
-        merge_config={"merge_method": "linear"}, status="ok", score=score,
+        key=key,
+        generation=0,
+        index=0,
+        vector=[0.1],
+        parameters={"w": 0.1},
+        merge_config={"merge_method": "linear"},
+        status="ok",
+        score=score,
         metrics={"t": {"acc,none": 0.5}},
     )
 
@@ -122,8 +128,10 @@ def s3_store_at(port, retry_delays):
     return RunStore(
         f"s3://evomerge-test/{uuid.uuid4().hex}",
         storage_options={
-            "endpoint_url": f"http://127.0.0.1:{port}", "key": "testing-key-id",
-            "secret": "testing-secret", "client_kwargs": {"region_name": "us-east-1"},
+            "endpoint_url": f"http://127.0.0.1:{port}",
+            "key": "testing-key-id",
+            "secret": "testing-secret",
+            "client_kwargs": {"region_name": "us-east-1"},
         },
         retry_delays=retry_delays,
     )
@@ -139,6 +147,7 @@ def evomerge_warnings(caplog, monkeypatch):
 
 def forward(listener, upstream_port):
     """Relay every connection to ``listener`` to the S3 endpoint on ``upstream_port``."""
+
     def relay(source, sink):
         try:
             while data := source.recv(65536):

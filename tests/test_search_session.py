@@ -18,11 +18,15 @@ from evomerge.search_session import RunStoppedError, SearchSession
 def make_spec(storage, **options):
     options.setdefault("baselines", False)  # the fake scores below know candidates only
     config = EvolveConfig.model_validate(
-        {"genome": {"models": ["/m/a", "/m/b"], "merge_method": "linear", "layer_granularity": 1},
-         "tasks": ["t1", {"name": "t2", "weight": 2.0}]}
+        {
+            "genome": {"models": ["/m/a", "/m/b"], "merge_method": "linear", "layer_granularity": 1},
+            "tasks": ["t1", {"name": "t2", "weight": 2.0}],
+        }
     )
     return RunSpec(
-        config=config, options=RunOptions(popsize=4, **options), storage_path=str(storage),
+        config=config,
+        options=RunOptions(popsize=4, **options),
+        storage_path=str(storage),
         models=ModelFacts(architecture="LlamaForCausalLM", num_layers=2, dtype="float32"),
     )
 
@@ -38,14 +42,18 @@ def outcome(vector, fail=False):
         return EvaluationOutcome(status="failed", error="ValueError: merge exploded", node="n", slot="s0")
     s = fake_score(np.array(vector))
     return EvaluationOutcome(
-        status="ok", metrics={"t1": {"acc,none": s / 3}, "t2": {"acc,none": s / 3}},
-        timings=Timings(merge=0.1, load=0.1, evaluate=0.5, total=0.8), node="n", slot="s0",
+        status="ok",
+        metrics={"t1": {"acc,none": s / 3}, "t2": {"acc,none": s / 3}},
+        timings=Timings(merge=0.1, load=0.1, evaluate=0.5, total=0.8),
+        node="n",
+        slot="s0",
     )
 
 
 def run(session, fail_when=lambda request: False, observers=()):
     """The search loop without Prefect or Ray, each candidate scored by ``fake_score`` in this
     process; ``observers`` hear of each generation."""
+
     def evaluate(request):
         return outcome(request.vector, fail_when(request))
 
@@ -72,7 +80,10 @@ def test_starting_again_replays_without_evaluating_and_continues_identically(tmp
     resumed = SearchSession(make_spec(tmp_path / "b", max_fevals=16, seed=2))
     evaluated_again = []
     original = resumed.record_outcome
-    resumed.record_outcome = lambda req, out, round_trip=0.0: (evaluated_again.append(req.key), original(req, out, round_trip))[1]
+    resumed.record_outcome = lambda req, out, round_trip=0.0: (
+        evaluated_again.append(req.key),
+        original(req, out, round_trip),
+    )[1]
     run(resumed)
     assert not set(evaluated_again) & set(half.records), "a recorded key was evaluated again"
     assert sorted(resumed.records) == sorted(straight.records)
@@ -85,7 +96,7 @@ def test_failed_candidates_are_recorded_and_ranked_last(tmp_path):
     failed = [r for r in session.records.values() if r.status == "failed"]
     assert len(failed) == 2 and all(r.error == "ValueError: merge exploded" and r.score is None for r in failed)
     log = json.loads((tmp_path / "checkpoints" / "00000.json").read_text())
-    ok_scores = [s for k, s in zip(log["keys"], log["scores_told"]) if session.records[k].status == "ok"]
+    ok_scores = [s for k, s in zip(log["keys"], log["scores_told"], strict=True) if session.records[k].status == "ok"]
     assert log["scores_told"][1] == pytest.approx(min(ok_scores) - 1.0)
 
 
@@ -98,8 +109,12 @@ def test_a_generation_where_most_candidates_fail_stops_with_the_errors(tmp_path)
 def test_a_metric_no_task_produces_stops_before_recording(tmp_path):
     session = SearchSession(make_spec(tmp_path, max_fevals=8))
     request = session.next_batch().to_evaluate[0]
-    with pytest.raises(RunStoppedError, match="stopping at the first evaluation: task 't2' does not produce metric 'acc,none'"):
-        session.record_outcome(request, EvaluationOutcome(status="ok", metrics={"t1": {"acc,none": 0.5}, "t2": {"f1,none": 0.1}}))
+    with pytest.raises(
+        RunStoppedError, match="stopping at the first evaluation: task 't2' does not produce metric 'acc,none'"
+    ):
+        session.record_outcome(
+            request, EvaluationOutcome(status="ok", metrics={"t1": {"acc,none": 0.5}, "t2": {"f1,none": 0.1}})
+        )
     assert not (tmp_path / "records").exists()
 
 
@@ -195,10 +210,14 @@ def test_a_search_that_only_asks_evaluated_merges_stops_converged_and_stays_stop
     to merges already evaluated. The run must stop (not loop until pycma's state turns NaN), and
     a resumed run must see the same."""
     config = EvolveConfig.model_validate(
-        {"genome": {"models": ["/m/a", "/m/b"], "merge_method": "slerp", "layer_granularity": 1},
-         "tasks": ["t1"]})
-    spec = RunSpec(config=config, options=RunOptions(popsize=4, max_fevals=200, seed=0, baselines=False), storage_path=str(tmp_path),
-                   models=ModelFacts(architecture="LlamaForCausalLM", num_layers=2, dtype="float32"))
+        {"genome": {"models": ["/m/a", "/m/b"], "merge_method": "slerp", "layer_granularity": 1}, "tasks": ["t1"]}
+    )
+    spec = RunSpec(
+        config=config,
+        options=RunOptions(popsize=4, max_fevals=200, seed=0, baselines=False),
+        storage_path=str(tmp_path),
+        models=ModelFacts(architecture="LlamaForCausalLM", num_layers=2, dtype="float32"),
+    )
 
     def clipped_peak(request):
         t = np.clip(np.array(request.vector), 0, 1)

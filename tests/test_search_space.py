@@ -130,7 +130,9 @@ def test_smooth_writes_gradients_per_model():
 
 
 def test_granularity_must_divide_layers_with_a_fix():
-    with pytest.raises(ValueError, match=r"does not divide the models' 8 layers; use 0 \(one group\) or one of \[1, 2, 4, 8\]"):
+    with pytest.raises(
+        ValueError, match=r"does not divide the models' 8 layers; use 0 \(one group\) or one of \[1, 2, 4, 8\]"
+    ):
         SearchSpace(GenomeDefinition(layer_granularity=3, **CASES["linear"]), 8)
 
 

@@ -54,7 +54,7 @@ def test_it_maximizes_the_score():
 
 def test_one_dimensional_problems_work():
     searcher = CmaEsSearcher([0.5], 0.3, seed=0, popsize=4)
-    asked, _ = drive(searcher, 30, score=lambda v: -(v[0] - 0.8) ** 2)
+    asked, _ = drive(searcher, 30, score=lambda v: -((v[0] - 0.8) ** 2))
     assert asked.shape == (30, 4, 1)
     assert abs(searcher.mean[0] - 0.8) < 0.05
 

@@ -62,8 +62,11 @@ def test_durations_have_the_stated_mean_and_stragglers_multiply():
 
 def test_records_give_slots_round_trips_by_generation_and_actual_spans(tmp_path):
     rows = [  # generation, index, slot, round_trip, finished_at
-        (0, 1, "slot-1", 4.0, 104.0), (0, 0, "slot-0", 2.0, 102.0), (0, 2, "slot-0", 1.0, 103.0),
-        (1, 0, "slot-0", 3.0, 110.0), (1, 1, "slot-1", 3.0, 110.0),
+        (0, 1, "slot-1", 4.0, 104.0),
+        (0, 0, "slot-0", 2.0, 102.0),
+        (0, 2, "slot-0", 1.0, 103.0),
+        (1, 0, "slot-0", 3.0, 110.0),
+        (1, 1, "slot-1", 3.0, 110.0),
     ]
     (tmp_path / "records").mkdir()
     for i, (g, idx, slot, rt, fin) in enumerate(rows):

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import TASKS_DIR, write_config
+
 from evomerge.backends.prepare import build_options, prepare_run
 from evomerge.backends.slot_worker import SlotWorker
 from evomerge.core.records import CandidateRequest, candidate_key
@@ -78,12 +78,16 @@ def test_a_broken_candidate_fails_without_raising(worker_and_spec):
 def test_a_metric_no_task_produces_stops_the_run_at_the_first_outcome(tiny_models, tmp_path):
     from evomerge.search_session import RunStoppedError, SearchSession
 
-    config = write_config(tmp_path / "c.yml", tiny_models, limit=4, tasks=[{"name": "tiny_rev", "metric": "exact_match,none"}])
+    config = write_config(
+        tmp_path / "c.yml", tiny_models, limit=4, tasks=[{"name": "tiny_rev", "metric": "exact_match,none"}]
+    )
     spec = prepare_run(str(config), str(tmp_path / "s"), build_options(task_search_path=[str(TASKS_DIR)]))
     request = request_for(spec, [0.5] * 4)
     outcome = SlotWorker(spec, "s").run(request)
     assert outcome.status == "ok" and "exact_match,none" not in outcome.metrics["tiny_rev"]
-    with pytest.raises(RunStoppedError, match="task 'tiny_rev' does not produce metric 'exact_match,none'; it produces acc,none. Set"):
+    with pytest.raises(
+        RunStoppedError, match="task 'tiny_rev' does not produce metric 'exact_match,none'; it produces acc,none. Set"
+    ):
         SearchSession(spec).record_outcome(request, outcome)
     assert not (tmp_path / "s" / "records").exists()
 

@@ -4,8 +4,8 @@ import json
 import shutil
 
 from click.testing import CliRunner
-
 from conftest import TASKS_DIR, write_config
+
 from evomerge.cli import main
 
 
@@ -26,7 +26,9 @@ def assert_refused(result, *fragments, storage=None):
 def test_missing_model_folder(tmp_path, tiny_models):
     models = dict(tiny_models, rev_expert=tmp_path / "nope")
     config = write_config(tmp_path / "c.yml", models)
-    assert_refused(run_cli(config, tmp_path / "s"), f"model '{tmp_path / 'nope'}' does not exist", storage=tmp_path / "s")
+    assert_refused(
+        run_cli(config, tmp_path / "s"), f"model '{tmp_path / 'nope'}' does not exist", storage=tmp_path / "s"
+    )
 
 
 def test_model_folder_without_config(tmp_path, tiny_models):
@@ -58,7 +60,9 @@ def test_models_with_different_layer_counts(tmp_path, tiny_models):
 
 def test_granularity_that_does_not_divide_layers(tmp_path, tiny_models):
     config = write_config(tmp_path / "c.yml", tiny_models, genome={"layer_granularity": 3})
-    assert_refused(run_cli(config, tmp_path / "s"), "layer_granularity 3 does not divide", "use 0 (one group) or one of")
+    assert_refused(
+        run_cli(config, tmp_path / "s"), "layer_granularity 3 does not divide", "use 0 (one group) or one of"
+    )
 
 
 def test_unknown_task_names_the_search_paths(tmp_path, tiny_models):
@@ -90,8 +94,9 @@ def test_benchmark_task_needs_upstreams_flag(tmp_path, tiny_models):
 def test_unknown_held_out_task_is_refused_before_any_work(tmp_path, tiny_models):
     config = write_config(tmp_path / "c.yml", tiny_models, held_out_tasks=[{"name": "tiny_rev_test"}])
     storage = tmp_path / "s"
-    assert_refused(run_cli(config, storage), "cannot find task 'tiny_rev_test'", "did you mean tiny_rev",
-                   storage=storage)
+    assert_refused(
+        run_cli(config, storage), "cannot find task 'tiny_rev_test'", "did you mean tiny_rev", storage=storage
+    )
 
 
 def test_a_ray_address_where_nothing_listens_is_refused_before_any_work(tmp_path, tiny_models):
@@ -100,5 +105,9 @@ def test_a_ray_address_where_nothing_listens_is_refused_before_any_work(tmp_path
     config = write_config(tmp_path / "c.yml", tiny_models)
     storage = tmp_path / "s"
     address = f"127.0.0.1:{free_port()}"
-    assert_refused(run_cli(config, storage, "--ray-address", address), f"--ray-address {address}: nothing answers",
-                   "ray start --head", storage=storage)
+    assert_refused(
+        run_cli(config, storage, "--ray-address", address),
+        f"--ray-address {address}: nothing answers",
+        "ray start --head",
+        storage=storage,
+    )

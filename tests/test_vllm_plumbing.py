@@ -3,8 +3,8 @@
 import importlib.util
 
 import pytest
-
 from conftest import TASKS_DIR, write_config
+
 from evomerge.backends.evaluator_hf import Scores
 from evomerge.backends.evaluator_vllm import VLLMEvaluator
 from evomerge.backends.prepare import ConfigurationError, build_options, prepare_run
@@ -14,8 +14,9 @@ def make_evaluator(**overrides):
     from evomerge.core.config import EvolveConfig
     from evomerge.core.records import EvaluationSettings
 
-    config = EvolveConfig.model_validate({"genome": {"models": ["/a", "/b"], "merge_method": "linear"},
-                                         "tasks": ["tiny_rev"]})
+    config = EvolveConfig.model_validate(
+        {"genome": {"models": ["/a", "/b"], "merge_method": "linear"}, "tasks": ["tiny_rev"]}
+    )
     args = dict(device="cuda", batch_size="auto", dtype="bfloat16", trust_remote_code=False, seed=7)
     args.update(overrides)
     return VLLMEvaluator(EvaluationSettings.from_config(config, "vllm"), [str(TASKS_DIR)], False, **args)
@@ -24,8 +25,13 @@ def make_evaluator(**overrides):
 def test_model_args_name_the_folder_the_run_seed_and_one_gpu():
     args = make_evaluator().model_args("/runs/x/merged/abc")
     assert args == {
-        "pretrained": "/runs/x/merged/abc", "dtype": "bfloat16", "trust_remote_code": False,
-        "batch_size": "auto", "seed": 7, "tensor_parallel_size": 1, "gpu_memory_utilization": 0.85,
+        "pretrained": "/runs/x/merged/abc",
+        "dtype": "bfloat16",
+        "trust_remote_code": False,
+        "batch_size": "auto",
+        "seed": 7,
+        "tensor_parallel_size": 1,
+        "gpu_memory_utilization": 0.85,
     }
     assert make_evaluator(dtype="auto", batch_size=8).model_args("/m")["dtype"] == "auto"
     assert make_evaluator(batch_size=8).model_args("/m")["batch_size"] == 8
@@ -45,7 +51,9 @@ def test_evaluate_builds_lm_evals_vllm_model_from_those_args_and_scores_it(monke
     module.VLLM = FakeVLLM
     monkeypatch.setitem(sys.modules, "lm_eval.models.vllm_causallms", module)
     evaluator = make_evaluator()
-    monkeypatch.setattr(evaluator, "score", lambda lm: Scores({"tiny_rev": {"acc,none": 0.5}}) if isinstance(lm, FakeVLLM) else None)
+    monkeypatch.setattr(
+        evaluator, "score", lambda lm: Scores({"tiny_rev": {"acc,none": 0.5}}) if isinstance(lm, FakeVLLM) else None
+    )
     result = evaluator.evaluate("/m/folder")
     assert built == evaluator.model_args("/m/folder")
     assert result.results == {"tiny_rev": {"acc,none": 0.5}}
@@ -61,7 +69,9 @@ def test_vllm_missing_is_a_clear_error_before_any_work(tiny_models, tmp_path):
 
 def test_vllm_scores_are_keyed_apart_from_hf_scores(tiny_models, tmp_path, monkeypatch):
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real_find_spec(name, *a)
+    )
     config = write_config(tmp_path / "c.yml", tiny_models)
     options = dict(task_search_path=[str(TASKS_DIR)])
     with_vllm = prepare_run(str(config), str(tmp_path / "v"), build_options(vllm=True, **options))

@@ -19,11 +19,11 @@ def wandb_records(path: Path) -> list:
     pos, block, pending, records = 7, 32768, b"", []
     while pos + 7 <= len(data):
         left = block - pos % block
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if left < 7 or (length == 0 and kind == 0):  # block trailer / padding
             pos += left
             continue
-        pending += data[pos + 7:pos + 7 + length]
+        pending += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # FULL or LAST chunk: a record is complete
             record = pb.Record()
@@ -48,18 +48,32 @@ def test_generation_statistics_best_score_and_best_config_reach_wandb(tmp_path, 
 
     (run_file,) = (tmp_path / "wandb-dir").glob("wandb/offline-run-*/run-*.wandb")
     records = wandb_records(run_file)
+
     def key(item):
         return item.key or "/".join(item.nested_key)
 
-    history = [{key(item): item.value_json for item in r.history.item} for r in records
-               if r.WhichOneof("record_type") == "history"]
+    history = [
+        {key(item): item.value_json for item in r.history.item}
+        for r in records
+        if r.WhichOneof("record_type") == "history"
+    ]
     assert [h["_step"] for h in history] == ["0", "1"], history
     for h in history:
-        assert {"fitness/mean", "fitness/max", "fitness/min", "t1/acc,none/mean", "t2/acc,none/max",
-                "best/fitness", "evaluations", "failed"} <= set(h)
+        assert {
+            "fitness/mean",
+            "fitness/max",
+            "fitness/min",
+            "t1/acc,none/mean",
+            "t2/acc,none/max",
+            "best/fitness",
+            "evaluations",
+            "failed",
+        } <= set(h)
     assert float(history[-1]["best/fitness"]) == session.best.score
     assert history[-1]["evaluations"] == "8"
-    summary = {key(u): u.value_json for r in records if r.WhichOneof("record_type") == "summary" for u in r.summary.update}
+    summary = {
+        key(u): u.value_json for r in records if r.WhichOneof("record_type") == "summary" for u in r.summary.update
+    }
     assert float(summary["best_fitness"]) == session.best.score
     (artifact,) = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
     assert artifact.name == f"best-config-{session.spec.fingerprint()}" and artifact.type == "merge-config"

@@ -6,8 +6,8 @@ or Ray; the generation flow passes Prefect task submission and a Ray wait.
 
 from __future__ import annotations
 
-from collections import deque
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 

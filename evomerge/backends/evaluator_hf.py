@@ -43,9 +43,7 @@ class HFEvaluator:
         self.batch_size = batch_size
         self.dtype = dtype
         self.trust_remote_code = trust_remote_code
-        self.task_manager, self.tasks = load_task_objects(
-            settings.task_names, search_paths, include_defaults
-        )
+        self.task_manager, self.tasks = load_task_objects(settings.task_names, search_paths, include_defaults)
 
     def evaluate(self, model_path: str) -> Scores:
         """Load a model folder and score it."""
@@ -80,8 +78,7 @@ class HFEvaluator:
                 limit=self.settings.limit,
                 num_fewshot=self.settings.num_fewshot,
                 apply_chat_template=self.settings.apply_chat_template,
-                fewshot_as_multiturn=self.settings.fewshot_as_multiturn
-                and self.settings.apply_chat_template,
+                fewshot_as_multiturn=self.settings.fewshot_as_multiturn and self.settings.apply_chat_template,
                 log_samples=self.per_item,
                 bootstrap_iters=0,  # stderr bootstraps cost seconds and do not enter the fitness
                 use_cache=None,  # lm-eval's response cache has no model identity: never use it
@@ -99,8 +96,9 @@ def _without_environment_report() -> Iterator[None]:
     skips it. Results and metrics are unchanged (tests/test_slot_worker.py)."""
     import lm_eval.evaluator as evaluator
 
-    saved = {name: getattr(evaluator, name) for name in ("add_env_info", "get_git_commit_hash")
-             if hasattr(evaluator, name)}
+    saved = {
+        name: getattr(evaluator, name) for name in ("add_env_info", "get_git_commit_hash") if hasattr(evaluator, name)
+    }
     evaluator.add_env_info = lambda storage: None
     evaluator.get_git_commit_hash = lambda: None
     try:

@@ -182,9 +182,7 @@ class InMemoryMerger:
             torch.cuda.synchronize(self.device)
         return MergeStats(len(jobs), read, written, time.perf_counter() - started)
 
-    def merged_tensors(
-        self, merge_config: Mapping[str, Any], seed: int | None = None
-    ) -> dict[str, torch.Tensor]:
+    def merged_tensors(self, merge_config: Mapping[str, Any], seed: int | None = None) -> dict[str, torch.Tensor]:
         """The merge as a state dict: the tensors ``run_merge`` would write, dtypes included."""
         return {job.name: tensor for job, tensor, _ in self._run(self._plan(merge_config), seed)}
 
@@ -193,14 +191,10 @@ class InMemoryMerger:
         from safetensors.torch import load_file
 
         if model.lora is not None:
-            raise ValueError(
-                f"{model}: LoRA references are not supported in memory; merge the adapter first"
-            )
+            raise ValueError(f"{model}: LoRA references are not supported in memory; merge the adapter first")
         path = model.model.path
         if not os.path.isdir(path):
-            raise ValueError(
-                f"{model}: not a local model folder (the in-memory merger reads local safetensors)"
-            )
+            raise ValueError(f"{model}: not a local model folder (the in-memory merger reads local safetensors)")
         index = os.path.join(path, "model.safetensors.index.json")
         single = os.path.join(path, "model.safetensors")
         if os.path.exists(single):  # mergekit's ShardedTensorIndex prefers the same name
@@ -211,8 +205,7 @@ class InMemoryMerger:
             files = [os.path.join(path, s) for s in shards]
         else:
             raise ValueError(
-                f"{model}: no model.safetensors (or its index) in {path}; the in-memory merger "
-                "reads safetensors only"
+                f"{model}: no model.safetensors (or its index) in {path}; the in-memory merger reads safetensors only"
             )
         tensors: dict[str, torch.Tensor] = {}
         native: dict[str, torch.dtype] = {}
@@ -242,15 +235,11 @@ class InMemoryMerger:
             )
         for model in config.referenced_models():
             if str(model) not in self._native:
-                raise ValueError(
-                    f"merge configuration names {model}, which this in-memory merger has not loaded"
-                )
+                raise ValueError(f"merge configuration names {model}, which this in-memory merger has not loaded")
         try:
             # Both read every model's config.json from disk (transformers' AutoConfig, about 4 ms
             # each) and depend on the models and layer ranges only: once per search, not per merge.
-            structure = json.dumps(
-                _without_parameters(dict(merge_config)), sort_keys=True, default=str
-            )
+            structure = json.dumps(_without_parameters(dict(merge_config)), sort_keys=True, default=str)
             if structure not in self._structures:
                 architecture = get_architecture_info(config, self._options)
                 self._structures[structure] = (
@@ -258,9 +247,7 @@ class InMemoryMerger:
                     _model_out_config(config, architecture, self.trust_remote_code),
                 )
             architecture, out_model_config = self._structures[structure]
-            planner = MergePlanner(
-                config, architecture, options=self._options, out_model_config=out_model_config
-            )
+            planner = MergePlanner(config, architecture, options=self._options, out_model_config=out_model_config)
             saves = [t for t in planner.plan_to_disk(out_path="") if isinstance(t, SaveTensor)]
         except (RuntimeError, TypeError) as error:  # mergekit's planning errors, as ValueError
             raise ValueError(f"merge_method {config.merge_method}: {error}") from error
@@ -305,13 +292,10 @@ class InMemoryMerger:
         for job in jobs:
             target = state.get(job.name)
             if target is None:
-                raise ValueError(
-                    f"the merge writes {job.name}, which the resident model does not have"
-                )
+                raise ValueError(f"the merge writes {job.name}, which the resident model does not have")
             if tuple(target.shape) != job.shape:
                 raise ValueError(
-                    f"{job.name}: the merge gives shape {job.shape}, the resident model "
-                    f"has {tuple(target.shape)}"
+                    f"{job.name}: the merge gives shape {job.shape}, the resident model has {tuple(target.shape)}"
                 )
             if id(target) in written:
                 # tied weights (e.g. lm_head = embed_tokens): two merged values for one tensor

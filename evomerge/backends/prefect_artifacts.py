@@ -36,8 +36,12 @@ def publish_batch(session, phase, records: Iterable[CandidateRecord]) -> None:
     """The table of a batch on its subflow run: a generation's candidates (parameters, metrics,
     fitness, slot); after the baselines or the held-out scores, also the comparison on the run."""
     if phase.kind == "generation":
-        _publish_table(session, "candidates", records,
-                       f"Candidates of generation {phase.generation}: parameters, metrics, fitness, slot")
+        _publish_table(
+            session,
+            "candidates",
+            records,
+            f"Candidates of generation {phase.generation}: parameters, metrics, fitness, slot",
+        )
         return
     _publish_table(session, phase.kind, records, f"Scored in the {phase.kind} phase: metrics, fitness, slot")
     _publish_comparison(session, f"after the {phase.kind}")
@@ -73,8 +77,11 @@ def _publish_plot(session, generation: int) -> None:
     data-URL images in markdown; an image artifact would also print the whole URL as text."""
     from prefect.artifacts import create_markdown_artifact
 
-    png = fitness_plot_png(session.records.values(), session.baselines.values(),
-                           title=f"fitness over evaluations, after generation {generation}")
+    png = fitness_plot_png(
+        session.records.values(),
+        session.baselines.values(),
+        title=f"fitness over evaluations, after generation {generation}",
+    )
     _best_effort(
         create_markdown_artifact,
         markdown=f"![fitness over evaluations](data:image/png;base64,{base64.b64encode(png).decode()})\n",
@@ -99,25 +106,29 @@ class CheckpointPublisher:
         best = s.best
         _best_effort(
             create_markdown_artifact,
-            markdown=best_config_markdown(best, merge_config_yaml(best.merge_config) if best else "",
-                                          s.evaluations, max_fevals),
+            markdown=best_config_markdown(
+                best, merge_config_yaml(best.merge_config) if best else "", s.evaluations, max_fevals
+            ),
             key=artifact_key(fingerprint, "best-config"),
             description=f"Best merge configuration after generation {generation}",
         )
         percent = progress_percent(s.evaluations, max_fevals)
-        description = progress_line(generation, s.evaluations, max_fevals, best.score if best else None,
-                                    s.elapsed_seconds)
+        description = progress_line(
+            generation, s.evaluations, max_fevals, best.score if best else None, s.elapsed_seconds
+        )
         _publish_comparison(s, f"after generation {generation}")
         _publish_plot(s, generation)
         if self._progress_id is None:
             self._progress_id = _best_effort(
-                create_progress_artifact, progress=percent,
-                key=artifact_key(fingerprint, "progress"), description=description,
+                create_progress_artifact,
+                progress=percent,
+                key=artifact_key(fingerprint, "progress"),
+                description=description,
             )
         else:
-            _best_effort(update_progress_artifact, artifact_id=self._progress_id, progress=percent,
-                         description=description)
-
+            _best_effort(
+                update_progress_artifact, artifact_id=self._progress_id, progress=percent, description=description
+            )
 
     def finish(self) -> None:
         """Nothing to close: every artifact is complete when written."""
@@ -127,6 +138,7 @@ def _best_effort(create, **kwargs):
     try:
         return create(**kwargs)
     except Exception as exc:
-        log.warning("could not publish the Prefect artifact %s (%s); the run goes on",
-                    kwargs.get("key", "progress"), exc)
+        log.warning(
+            "could not publish the Prefect artifact %s (%s); the run goes on", kwargs.get("key", "progress"), exc
+        )
         return None

@@ -102,7 +102,9 @@ def launch_prefect_server(
     home = tempfile.mkdtemp(prefix="evomerge-prefect-")
     log_path = os.path.join(home, "server.log")
     template = _template_path()
-    from_template = use_template and template.is_file()
+    # The snapshot is of the default SQLite database; a server on another database starts as is.
+    own_database = "PREFECT_API_DATABASE_CONNECTION_URL" in os.environ
+    from_template = use_template and not own_database and template.is_file()
     if from_template:
         shutil.copyfile(template, os.path.join(home, DATABASE))
     env = dict(os.environ)
@@ -120,17 +122,34 @@ def launch_prefect_server(
     if not all_services:
         env.update({f"PREFECT_SERVER_SERVICES_{name}_ENABLED": "false" for name in UNUSED_BY_ONE_RUN})
     command = [
-        sys.executable, "-m", "evomerge.backends.orphan_guard", str(os.getpid()),
-        sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
-        "--host", host, "--port", str(port), "--log-level", "warning",
+        sys.executable,
+        "-m",
+        "evomerge.backends.orphan_guard",
+        str(os.getpid()),
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "prefect.server.api.server:create_app",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
     ]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            command,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
             stdin=subprocess.DEVNULL,
         )
-    return PrefectServer(process, f"http://{host}:{port}/api", f"http://{host}:{port}", home, log_path,
-                         from_template, all_services)
+    return PrefectServer(
+        process, f"http://{host}:{port}/api", f"http://{host}:{port}", home, log_path, from_template, all_services
+    )
 
 
 def wait_until_ready(server: PrefectServer, timeout: float = 90.0) -> PrefectServer:

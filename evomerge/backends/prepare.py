@@ -108,8 +108,7 @@ def _model_facts(ref: str, trust_remote_code: bool) -> ModelFacts:
     if looks_local:
         if not os.path.isdir(path):
             raise ConfigurationError(
-                f"model {ref!r} does not exist: no such folder. Fix the path in genome.models "
-                "(or genome.base_model)"
+                f"model {ref!r} does not exist: no such folder. Fix the path in genome.models (or genome.base_model)"
             )
         config_file = os.path.join(path, "config.json")
         if not os.path.isfile(config_file):
@@ -156,9 +155,7 @@ def check_tasks(task_names: Sequence[str], search_paths: Sequence[str]) -> bool:
 
     for p in search_paths:
         if not os.path.isdir(p):
-            raise ConfigurationError(
-                f"--task-search-path {p!r} is not a folder; give a folder of lm-eval task YAMLs"
-            )
+            raise ConfigurationError(f"--task-search-path {p!r} is not a folder; give a folder of lm-eval task YAMLs")
     if search_paths:
         custom = TaskManager(include_path=list(search_paths), include_defaults=False)
         if all(name in custom.all_tasks for name in task_names):

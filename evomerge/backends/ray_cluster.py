@@ -9,9 +9,16 @@ from evomerge import failpoints
 # Environment the Ray workers need: they run Prefect tasks that report to the same API server,
 # read models offline when the driver does, and fail where a fault-injection test armed them.
 _FORWARDED_ENV = (
-    "PREFECT_API_URL", "PREFECT_API_KEY", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
-    "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_DATASETS_CACHE", "PREFECT_LOGGING_LEVEL",
-    failpoints.ENV, failpoints.ONCE_DIR_ENV,
+    "PREFECT_API_URL",
+    "PREFECT_API_KEY",
+    "HF_HUB_OFFLINE",
+    "HF_DATASETS_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "HF_HOME",
+    "HF_DATASETS_CACHE",
+    "PREFECT_LOGGING_LEVEL",
+    failpoints.ENV,
+    failpoints.ONCE_DIR_ENV,
 )
 
 

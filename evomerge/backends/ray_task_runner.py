@@ -68,11 +68,16 @@ def _shared_client() -> Iterator[None]:
 
 class RayTaskRunner(_PrefectRayTaskRunner):
     @staticmethod
-    def _run_prefect_task(*upstream_ray_obj_refs: Any, task, task_run_id, context, parameters,
-                          wait_for=None, dependencies=None) -> Any:
+    def _run_prefect_task(
+        *upstream_ray_obj_refs: Any, task, task_run_id, context, parameters, wait_for=None, dependencies=None
+    ) -> Any:
         with _shared_client():
             return _PrefectRayTaskRunner._run_prefect_task(
-                *upstream_ray_obj_refs, task=task, task_run_id=task_run_id,
-                context=_with_built_settings(context), parameters=parameters, wait_for=wait_for,
+                *upstream_ray_obj_refs,
+                task=task,
+                task_run_id=task_run_id,
+                context=_with_built_settings(context),
+                parameters=parameters,
+                wait_for=wait_for,
                 dependencies=dependencies,
             )

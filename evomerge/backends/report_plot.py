@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterable
+from itertools import pairwise
 
 from evomerge.core.records import CandidateRecord
 
@@ -39,14 +40,20 @@ def fitness_plot_png(
     axes.scatter(xs, ys, s=14, color="0.55", label="candidate", zorder=2)
     if best_x:
         axes.step(best_x, best_y, where="post", color="tab:blue", linewidth=2, label="best so far", zorder=3)
-    generation_starts = [n for n, (a, b) in enumerate(zip(ordered, ordered[1:]), start=1) if a.generation != b.generation]
+    generation_starts = [n for n, (a, b) in enumerate(pairwise(ordered), start=1) if a.generation != b.generation]
     for n in generation_starts:
         axes.axvline(n + 0.5, color="0.9", linewidth=0.8, zorder=1)
     colors = ["tab:red", "tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive"]
     shown = [b for b in baselines if not b.held_out and b.status == "ok" and b.score is not None]
     for i, record in enumerate(sorted(shown, key=lambda r: r.index)):
-        axes.axhline(record.score, linestyle="--", linewidth=1.2, color=colors[i % len(colors)],
-                     label=f"{record.label} ({record.score:.3f})", zorder=1)
+        axes.axhline(
+            record.score,
+            linestyle="--",
+            linewidth=1.2,
+            color=colors[i % len(colors)],
+            label=f"{record.label} ({record.score:.3f})",
+            zorder=1,
+        )
     axes.set_xlabel("evaluation (candidates in the order CMA-ES asked them; grey lines: generations)")
     axes.set_ylabel("fitness")
     axes.set_title(title)

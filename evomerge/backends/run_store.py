@@ -43,7 +43,11 @@ T = TypeVar("T")
 DEFAULT_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)
 # The store answered; asking again gets the same answer. (All are OSError subclasses.)
 _ANSWERS = (
-    FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError,
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
 )
 # botocore's connection errors (EndpointConnectionError when nothing listens, ConnectionClosedError,
 # ReadTimeoutError) are not all OSError subclasses, and s3fs passes them through untranslated.
@@ -68,9 +72,7 @@ class RunStore:
             # botocore retries every request itself (legacy mode: 5 attempts with its own backoff),
             # so a down endpoint took 6-12 s per call before our schedule even started; one attempt
             # per call makes ``retry_delays`` the one schedule. Explicit config_kwargs still win.
-            options["config_kwargs"] = {
-                "retries": {"total_max_attempts": 1}, **options.get("config_kwargs", {})
-            }
+            options["config_kwargs"] = {"retries": {"total_max_attempts": 1}, **options.get("config_kwargs", {})}
         self.fs, root = fsspec.core.url_to_fs(storage_path, **options)
         self.root = root.rstrip("/")
         self.is_local = isinstance(self.fs, LocalFileSystem)
@@ -101,7 +103,13 @@ class RunStore:
                     ) from exc
                 logger.warning(
                     "%s %s failed (attempt %d of %d, %s: %s); retrying in %g s",
-                    what, url, attempt, len(self.retry_delays) + 1, type(exc).__name__, exc, delay,
+                    what,
+                    url,
+                    attempt,
+                    len(self.retry_delays) + 1,
+                    type(exc).__name__,
+                    exc,
+                    delay,
                 )
                 time.sleep(delay)
 
@@ -214,8 +222,9 @@ class RunStore:
             except ValueError as exc:
                 problem = f"cannot be read ({str(exc).splitlines()[0]}; truncated?)"
             if problem is None and record.format_version != RECORD_FORMAT_VERSION:
-                problem = (f"has format version {record.format_version}; this evomerge reads "
-                           f"version {RECORD_FORMAT_VERSION}")
+                problem = (
+                    f"has format version {record.format_version}; this evomerge reads version {RECORD_FORMAT_VERSION}"
+                )
             if problem is None and record.key != key:
                 problem = f"holds key {record.key}, not {key}"
             if problem is None:
@@ -228,8 +237,10 @@ class RunStore:
             if self.is_local:
                 os.makedirs(os.path.dirname(aside), exist_ok=True)
             self._retrying("move", name, self.fs.mv, name, aside)
-            on_unreadable(f"record {where} {problem}; moved to {self.fs.unstrip_protocol(aside)} "
-                          "and its candidate will be evaluated again if the search needs it")
+            on_unreadable(
+                f"record {where} {problem}; moved to {self.fs.unstrip_protocol(aside)} "
+                "and its candidate will be evaluated again if the search needs it"
+            )
         return records
 
     def list_names(self, rel: str) -> list[str]:

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING
 from evomerge.core.records import CandidateRequest, EvaluationOutcome, error_summary
 from evomerge.core.run_spec import RunSpec
 
-
 if TYPE_CHECKING:
     from evomerge.backends.slot_worker import MergedCandidate
 
@@ -94,16 +93,18 @@ class SlotPool:
         for i in range(count):
             name = f"slot-{i}"
             actor_name = f"evomerge-{name}"
-            self._actors.append(actor_cls.options(
-                name=actor_name,
-                namespace=namespace,
-                max_concurrency=1,
-                # A slot's worker process that dies (OOM killer, segfault, kill -9, a timeout's
-                # restart) is started again by Ray; the candidate it held is retried by
-                # run_on_slot, a bounded number of times.
-                max_restarts=-1,
-                **self._actor_options,
-            ).remote(self.spec, name, threads=self._actor_options.get("num_cpus", 1)))
+            self._actors.append(
+                actor_cls.options(
+                    name=actor_name,
+                    namespace=namespace,
+                    max_concurrency=1,
+                    # A slot's worker process that dies (OOM killer, segfault, kill -9, a timeout's
+                    # restart) is started again by Ray; the candidate it held is retried by
+                    # run_on_slot, a bounded number of times.
+                    max_restarts=-1,
+                    **self._actor_options,
+                ).remote(self.spec, name, threads=self._actor_options.get("num_cpus", 1))
+            )
             self._pending.append(SlotRef(name, actor_name, namespace))
         # Prefect tasks run in Ray worker processes; a fresh worker spends seconds importing
         # Prefect. Warm one per slot while the actors start, so the first candidates do not pay
@@ -215,42 +216,57 @@ def run_on_slot(
     import ray
     from ray.exceptions import GetTimeoutError, RayActorError
 
+    def submit(actor):
+        return actor.run.remote(request) if merged is None else actor.evaluate_merged.remote(request, merged)
+
     deaths: list[str] = []
     attempts = policy.retries + 1
     for attempt in range(1, attempts + 1):
         actor = _slot_actor(slot)
         call = None
         try:
-            if attempt > 1:
-                _wait_until_ready(actor, policy.worker_start_timeout)
-            ready = actor.describe.remote()
-            call = actor.run.remote(request) if merged is None else actor.evaluate_merged.remote(request, merged)
-            ray.get(ready, timeout=policy.worker_start_timeout)
+            call = _submit_when_ready(actor, submit, policy.worker_start_timeout)
             outcome = ray.get(call, timeout=policy.timeout)
             return outcome.model_copy(update={"attempts": attempt, "worker_deaths": deaths})
         except GetTimeoutError:
             ray.kill(actor, no_restart=False)
             return EvaluationOutcome(
-                status="failed", attempts=attempt, worker_deaths=deaths, slot=slot.name, node=slot.node,
+                status="failed",
+                attempts=attempt,
+                worker_deaths=deaths,
+                slot=slot.name,
+                node=slot.node,
                 error=f"timed out after {policy.timeout:g} s (--candidate-timeout) on {slot.name}; "
                 "its worker was killed and restarted",
             )
-        except RayActorError as exc:  # died under the candidate, or unavailable while restarting
+        except RayActorError as exc:  # its worker died under the candidate
             if call is not None:  # never run one candidate twice on a slot
-                try:
-                    ray.cancel(call)
-                except Exception:  # nothing to cancel: it died with its worker
-                    pass
+                _cancel_quietly(call)
             deaths.append(error_summary(exc))
             logging.getLogger("evomerge").warning(
                 "the worker of %s died under candidate %s.%s (attempt %d of %d): %s",
-                slot.name, request.generation, request.index, attempt, attempts, deaths[-1],
+                slot.name,
+                request.generation,
+                request.index,
+                attempt,
+                attempts,
+                deaths[-1],
             )
         except Exception as exc:  # SlotWorker.run catches a candidate's errors; this is Ray's or ours
-            return EvaluationOutcome(status="failed", attempts=attempt, worker_deaths=deaths,
-                                     slot=slot.name, node=slot.node, error=error_summary(exc))
+            return EvaluationOutcome(
+                status="failed",
+                attempts=attempt,
+                worker_deaths=deaths,
+                slot=slot.name,
+                node=slot.node,
+                error=error_summary(exc),
+            )
     return EvaluationOutcome(
-        status="failed", attempts=attempts, worker_deaths=deaths, slot=slot.name, node=slot.node,
+        status="failed",
+        attempts=attempts,
+        worker_deaths=deaths,
+        slot=slot.name,
+        node=slot.node,
         error=f"the worker of {slot.name} died {len(deaths)} times under this candidate "
         f"(--worker-retries {policy.retries}); last: {deaths[-1]}",
     )
@@ -268,6 +284,34 @@ def _slot_actor(slot: SlotRef):
     if key not in _ACTORS:
         _ACTORS[key] = ray.get_actor(slot.actor_name, namespace=slot.namespace)
     return _ACTORS[key]
+
+
+def _submit_when_ready(actor, submit, timeout: float):
+    """``submit(actor)`` once the actor answers. A ``describe`` call goes right before the
+    candidate's (an actor runs one caller's calls in order), so normally no round trip is spent;
+    an actor that is restarting (after another candidate's death or timeout) is waited for, and
+    its unavailability never counts as a death of this candidate's worker."""
+    import ray
+    from ray.exceptions import ActorUnavailableError
+
+    ready = actor.describe.remote()
+    call = submit(actor)
+    try:
+        ray.get(ready, timeout=timeout)
+        return call
+    except ActorUnavailableError:
+        _cancel_quietly(call)
+        _wait_until_ready(actor, timeout)
+        return submit(actor)
+
+
+def _cancel_quietly(call) -> None:
+    import ray
+
+    try:
+        ray.cancel(call)
+    except Exception:  # nothing to cancel: it died with its worker
+        pass
 
 
 def _wait_until_ready(actor, timeout: float) -> None:

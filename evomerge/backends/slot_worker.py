@@ -62,8 +62,11 @@ class SlotWorker:
             evaluator_cls = HFEvaluator
         # Held-out scores keep every item's metric: the report compares models item by item.
         return evaluator_cls(
-            self.spec.evaluation_for(held_out), self.spec.options.task_search_path,
-            self.spec.include_default_tasks, per_item=held_out, **self._evaluator_args,
+            self.spec.evaluation_for(held_out),
+            self.spec.options.task_search_path,
+            self.spec.include_default_tasks,
+            per_item=held_out,
+            **self._evaluator_args,
         )
 
     def _evaluator_for(self, request: CandidateRequest) -> HFEvaluator:
@@ -121,7 +124,9 @@ class SlotWorker:
         metrics: dict = {}
         items: dict = {}
         try:
-            failpoint("slot-evaluate")  # tests kill, hang or fail the worker here
+            failpoint(
+                "slot-evaluate", f"{request.generation}.{request.index}"
+            )  # tests kill, hang or fail the worker here
             scores = work(timings)
             metrics, items = _numeric_metrics(scores.results), scores.item_scores
             timings.load, timings.evaluate = scores.load_seconds, scores.evaluate_seconds
@@ -134,8 +139,14 @@ class SlotWorker:
             shutil.rmtree(cleanup, ignore_errors=True)
         timings.total = time.perf_counter() - started
         return EvaluationOutcome(
-            status=status, metrics=metrics, error=error, timings=timings,
-            node=self.node, slot=self.slot, merge_node_id=merge_node_id, eval_node_id=self.node_id,
+            status=status,
+            metrics=metrics,
+            error=error,
+            timings=timings,
+            node=self.node,
+            slot=self.slot,
+            merge_node_id=merge_node_id,
+            eval_node_id=self.node_id,
             item_scores=items,
         )
 

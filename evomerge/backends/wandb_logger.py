@@ -32,9 +32,12 @@ class WandbLogger:
             entity=spec.options.wandb_entity,
             group=f"search-{spec.fingerprint()}",
             name=f"{os.path.basename(spec.storage_path.rstrip('/'))}-gen{session.generations_done}",
-            config={"config": spec.config.model_dump(mode="json"),
-                    "options": spec.options.model_dump(mode="json"),
-                    "storage_path": spec.storage_path, "fingerprint": spec.fingerprint()},
+            config={
+                "config": spec.config.model_dump(mode="json"),
+                "options": spec.options.model_dump(mode="json"),
+                "storage_path": spec.storage_path,
+                "fingerprint": spec.fingerprint(),
+            },
             dir=os.environ.get("WANDB_DIR") or tempfile.gettempdir(),
             reinit="finish_previous",
         )
@@ -56,8 +59,11 @@ class WandbLogger:
         try:
             best = s.store.read_text(BEST_CONFIG)
             if best is not None:
-                artifact = self._wandb.Artifact(f"best-config-{s.spec.fingerprint()}", type="merge-config",
-                                                metadata={"fitness": s.best.score if s.best else None})
+                artifact = self._wandb.Artifact(
+                    f"best-config-{s.spec.fingerprint()}",
+                    type="merge-config",
+                    metadata={"fitness": s.best.score if s.best else None},
+                )
                 with artifact.new_file(BEST_CONFIG) as f:
                     f.write(best)
                 self.run.log_artifact(artifact)

@@ -28,7 +28,7 @@ class BatchPlan:
 
     def suggestion_ids_by_key(self) -> dict[str, list[int]]:
         ids: dict[str, list[int]] = {}
-        for suggestion, key in zip(self.suggestions, self.keys):
+        for suggestion, key in zip(self.suggestions, self.keys, strict=True):
             ids.setdefault(key, []).append(suggestion.id)
         return ids
 

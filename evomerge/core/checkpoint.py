@@ -44,20 +44,39 @@ class GenerationCheckpoint(BaseModel):
     searcher: str = "cma-es"
 
     @classmethod
-    def of_step(cls, step: SearchStep, *, searcher: str, fingerprint: str, keys: list[str],
-                evaluations: int, best_key: str | None, written_at: float) -> GenerationCheckpoint:
+    def of_step(
+        cls,
+        step: SearchStep,
+        *,
+        searcher: str,
+        fingerprint: str,
+        keys: list[str],
+        evaluations: int,
+        best_key: str | None,
+        written_at: float,
+    ) -> GenerationCheckpoint:
         return cls(
-            format_version=CHECKPOINT_FORMAT_VERSION, fingerprint=fingerprint,
-            generation=step.generation, keys=keys, vectors=[list(v) for v in step.vectors],
-            scores_told=list(step.scores_told), sigma_after=step.sigma_after,
+            format_version=CHECKPOINT_FORMAT_VERSION,
+            fingerprint=fingerprint,
+            generation=step.generation,
+            keys=keys,
+            vectors=[list(v) for v in step.vectors],
+            scores_told=list(step.scores_told),
+            sigma_after=step.sigma_after,
             mean_after=None if step.mean_after is None else list(step.mean_after),
-            evaluations=evaluations, best_key=best_key, written_at=written_at, searcher=searcher,
+            evaluations=evaluations,
+            best_key=best_key,
+            written_at=written_at,
+            searcher=searcher,
         )
 
     def step(self) -> SearchStep:
         return SearchStep(
-            self.generation, tuple(tuple(v) for v in self.vectors), tuple(self.scores_told),
-            self.sigma_after, None if self.mean_after is None else tuple(self.mean_after),
+            self.generation,
+            tuple(tuple(v) for v in self.vectors),
+            tuple(self.scores_told),
+            self.sigma_after,
+            None if self.mean_after is None else tuple(self.mean_after),
         )
 
 
@@ -76,8 +95,7 @@ def parse_checkpoint(
     version = raw.get("format_version")
     if version != CHECKPOINT_FORMAT_VERSION:
         raise CorruptStateError(
-            f"{where} has format version {version!r}; this evomerge reads version "
-            f"{CHECKPOINT_FORMAT_VERSION}"
+            f"{where} has format version {version!r}; this evomerge reads version {CHECKPOINT_FORMAT_VERSION}"
         )
     try:
         checkpoint = GenerationCheckpoint.model_validate(raw)
@@ -91,6 +109,8 @@ def parse_checkpoint(
         raise CorruptStateError(f"{where} holds generation {checkpoint.generation}, not {generation}")
     n = len(checkpoint.keys)
     if n == 0 or len(checkpoint.vectors) != n or len(checkpoint.scores_told) != n:
-        raise CorruptStateError(f"{where} has {n} keys, {len(checkpoint.vectors)} vectors and "
-                                f"{len(checkpoint.scores_told)} scores; they must be equal and non-zero")
+        raise CorruptStateError(
+            f"{where} has {n} keys, {len(checkpoint.vectors)} vectors and "
+            f"{len(checkpoint.scores_told)} scores; they must be equal and non-zero"
+        )
     return checkpoint

@@ -21,8 +21,19 @@ from evomerge.core import merge_methods
 # Upstream refuses these as objectives unless --i-understand-the-depths-of-the-evils-i-am-unleashing
 # is given: optimising a merge directly against a public benchmark's test set games it.
 BENCHMARK_PREFIXES = (
-    "mmlu", "hendrycks", "agieval", "gsm8k", "hellaswag", "winogrande", "arc_", "ai2_arc",
-    "truthfulqa", "bigbench", "piqa", "openbookqa", "leaderboard",
+    "mmlu",
+    "hendrycks",
+    "agieval",
+    "gsm8k",
+    "hellaswag",
+    "winogrande",
+    "arc_",
+    "ai2_arc",
+    "truthfulqa",
+    "bigbench",
+    "piqa",
+    "openbookqa",
+    "leaderboard",
 )
 
 
@@ -68,9 +79,7 @@ class GenomeDefinition(_Strict):
     @classmethod
     def _non_negative_granularity(cls, value: int) -> int:
         if value < 0:
-            raise ValueError(
-                "must be 0 (one group for all layers) or a positive number of layers per group"
-            )
+            raise ValueError("must be 0 (one group for all layers) or a positive number of layers per group")
         return value
 
     @model_validator(mode="after")
@@ -94,9 +103,7 @@ class GenomeDefinition(_Strict):
         _check_count(method, self.sources, method.sources, "models")
         others = self.non_base_models
         if method.non_base[0] >= 1 and not others:
-            raise ValueError(
-                "genome.models holds only the base model; list the fine-tuned models to merge"
-            )
+            raise ValueError("genome.models holds only the base model; list the fine-tuned models to merge")
         _check_count(method, others, method.non_base, "models besides the base model")
         if method.per_group and (self.smooth or self.filters):
             raise ValueError(
@@ -238,19 +245,13 @@ class EvolveConfig(_Strict):
     @classmethod
     def _no_shuffle(cls, value: bool) -> bool:
         if value:
-            raise ValueError(
-                "'shuffle: true' is not available yet in evomerge (upstream never used it); remove it"
-            )
+            raise ValueError("'shuffle: true' is not available yet in evomerge (upstream never used it); remove it")
         return value
 
 
 def benchmark_task_names(config: EvolveConfig) -> list[str]:
     """Tasks that upstream refuses without its explicit opt-in flag."""
-    return [
-        t.name
-        for t in config.tasks
-        if t.name.startswith(BENCHMARK_PREFIXES) and not t.name.endswith("_train")
-    ]
+    return [t.name for t in config.tasks if t.name.startswith(BENCHMARK_PREFIXES) and not t.name.endswith("_train")]
 
 
 def _model_reference_string(value) -> str:

@@ -28,9 +28,7 @@ class NonFiniteMetricError(ValueError):
     """A metric came back NaN or infinite: a failure of this candidate."""
 
 
-def weighted_score(
-    results: Mapping[str, Mapping[str, object]], tasks: Sequence[TaskConfiguration]
-) -> float:
+def weighted_score(results: Mapping[str, Mapping[str, object]], tasks: Sequence[TaskConfiguration]) -> float:
     total = 0.0
     for task in tasks:
         if task.name not in results:
@@ -48,9 +46,7 @@ def weighted_score(
             )
         value = task_results[task.metric]
         if not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise NonFiniteMetricError(
-                f"task {task.name!r} metric {task.metric!r} is {value!r}, not a finite number"
-            )
+            raise NonFiniteMetricError(f"task {task.name!r} metric {task.metric!r} is {value!r}, not a finite number")
         total += task.weight * float(value)
     return total
 

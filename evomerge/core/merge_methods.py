@@ -24,7 +24,7 @@ the reason, so that a config naming one is refused with it rather than accepted.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 Decoding = Literal["weight", "abs_fraction", "fraction"]
@@ -120,12 +120,8 @@ class NotSearchable:
 
 # --- parameters ---------------------------------------------------------------------------------
 WEIGHT = Parameter("weight", "1/k", "weight", lower=0.0, upper=None, description="the model's weight")
-DENSITY = Parameter(
-    "density", 1.0, "abs_fraction", description="fraction of the task vector kept"
-)
-GAMMA = Parameter(
-    "gamma", 0.01, "abs_fraction", description="fraction of the largest task-vector entries dropped"
-)
+DENSITY = Parameter("density", 1.0, "abs_fraction", description="fraction of the task vector kept")
+GAMMA = Parameter("gamma", 0.01, "abs_fraction", description="fraction of the largest task-vector entries dropped")
 EPSILON = Parameter(
     "epsilon",
     0.15,
@@ -134,12 +130,8 @@ EPSILON = Parameter(
     within_density_margin=True,
     description="spread of the keep probability around the density, by magnitude rank",
 )
-T = Parameter(
-    "t", 0.5, "fraction", description="interpolation from the base (0) to the other model (1)"
-)
-SELECT_TOPK = Parameter(
-    "select_topk", 1.0, "abs_fraction", description="fraction of entries kept, by variance"
-)
+T = Parameter("t", 0.5, "fraction", description="interpolation from the base (0) to the other model (1)")
+SELECT_TOPK = Parameter("select_topk", 1.0, "abs_fraction", description="fraction of entries kept, by variance")
 
 _INT8_MASK = (("int8_mask", True),)
 
@@ -204,9 +196,7 @@ NOT_SEARCHABLE: dict[str, NotSearchable] = {
             "its t is a threshold in the units of the weights, with no scale-free start value",
         ),
         NotSearchable("ram", "its epsilon is a threshold in the units of the weights"),
-        NotSearchable(
-            "ramplus_tl", "its r, alpha and epsilon are thresholds, not per-model parameters"
-        ),
+        NotSearchable("ramplus_tl", "its r, alpha and epsilon are thresholds, not per-model parameters"),
     )
 }
 

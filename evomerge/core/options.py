@@ -26,6 +26,7 @@ def cli(*aliases: str, flag: FlagStyle = "pair", name: str | None = None) -> dic
     spelled it otherwise, the option's own name on the command line."""
     return {"cli": {"aliases": list(aliases), "flag": flag, "name": name}}
 
+
 # Options whose feature is planned but not built: selecting one fails before any work starts.
 NOT_AVAILABLE_YET: dict[str, str] = {
     "load_in_8bit": "--load-in-8bit is not available yet; leave it off",
@@ -47,39 +48,40 @@ class RunOptions(BaseModel):
     merge_cuda: bool = Field(True, description="Merge on the GPU when there is one.")
     trust_remote_code: bool = Field(False, description="Let transformers run code shipped with a model.")
     allow_crimes: bool = Field(False, description="Let mergekit merge unlike architectures.")
-    seed: int = Field(0, description="Seed of the searcher and of every random choice of the run.",
-                      json_schema_extra=cli("--random-seed"))
+    seed: int = Field(
+        0,
+        description="Seed of the searcher and of every random choice of the run.",
+        json_schema_extra=cli("--random-seed"),
+    )
     batch_size: int | None = Field(None, description="lm-eval batch size (default: auto on GPU, 16 on CPU).")
     sigma0: float = Field(1 / 6, description="Initial CMA-ES step size.")
     wandb: bool = Field(False, description="Log to Weights & Biases.")
     wandb_project: str | None = Field(None, description="Weights & Biases project.")
     wandb_entity: str | None = Field(None, description="Weights & Biases entity.")
-    task_search_path: list[str] = Field(
-        default_factory=list, description="Folder of lm-eval task YAMLs (repeatable)."
-    )
+    task_search_path: list[str] = Field(default_factory=list, description="Folder of lm-eval task YAMLs (repeatable).")
     allow_benchmark_tasks: bool = Field(
-        False, description="Allow public benchmarks as objectives.",
+        False,
+        description="Allow public benchmarks as objectives.",
         json_schema_extra=cli(flag="single", name="--i-understand-the-depths-of-the-evils-i-am-unleashing"),
     )
     save_final_model: bool = Field(True, description="Merge the best config into STORAGE_PATH/final_model at the end.")
     reshard: bool = Field(
         True, description="Accepted for compatibility; changes nothing (mergekit reads shards lazily)."
     )
-    timeout: float | None = Field(
-        None, description="Wall-time budget in seconds; no new generation starts after it."
-    )
+    timeout: float | None = Field(None, description="Wall-time budget in seconds; no new generation starts after it.")
     load_in_8bit: bool = Field(False, description="Not available yet.", json_schema_extra=cli(flag="single"))
     load_in_4bit: bool = Field(False, description="Not available yet.", json_schema_extra=cli(flag="single"))
-    popsize: int | None = Field(None, description="Population size (default: CMA-ES's 4 + 3 ln n).",
-                                json_schema_extra=cli("--force-population-size"))
+    popsize: int | None = Field(
+        None,
+        description="Population size (default: CMA-ES's 4 + 3 ln n).",
+        json_schema_extra=cli("--force-population-size"),
+    )
 
     # --- evomerge's own ---------------------------------------------------------------------
     searcher: SearcherName = Field(
         "cma-es", description="What proposes candidates: CMA-ES, or uniform random search (a baseline)."
     )
-    ray_address: str | None = Field(
-        None, description="Existing Ray cluster to use (default: start a local one)."
-    )
+    ray_address: str | None = Field(None, description="Existing Ray cluster to use (default: start a local one).")
     cpu_slots: int | None = Field(
         None, description="Evaluation slots on a machine without GPUs (default: one per CPU)."
     )
@@ -90,7 +92,8 @@ class RunOptions(BaseModel):
         # Placing a slot includes starting its worker (torch, lm-eval's tasks, with --in-memory
         # the sources and the resident model): on a 2-core machine at load 8 that took over
         # 120 s, and a run that gives up here loses its whole start.
-        600.0, description="Seconds to wait for Ray to place and start the evaluation slots."
+        600.0,
+        description="Seconds to wait for Ray to place and start the evaluation slots.",
     )
     candidate_timeout: float = Field(
         3600.0,
@@ -107,8 +110,7 @@ class RunOptions(BaseModel):
     )
     baselines: bool = Field(
         True,
-        description="Score each parent model and the uniform merge before the search (not "
-        "counted in --max-fevals).",
+        description="Score each parent model and the uniform merge before the search (not counted in --max-fevals).",
     )
     held_out_top: int = Field(
         3,
@@ -183,11 +185,7 @@ class RunOptions(BaseModel):
 
     def unavailable_features(self) -> list[str]:
         """Messages for every chosen option whose feature is not built yet."""
-        chosen = [
-            name
-            for name in ("load_in_8bit", "load_in_4bit")
-            if getattr(self, name)
-        ]
+        chosen = [name for name in ("load_in_8bit", "load_in_4bit") if getattr(self, name)]
         return [NOT_AVAILABLE_YET[name] for name in chosen]
 
 
@@ -203,8 +201,9 @@ def option_parameters() -> list[inspect.Parameter]:
     """The options as keyword parameters (the evolve flow's signature, hence the deployment's
     parameter schema)."""
     return [
-        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                          annotation=RunOptions.model_fields[name].annotation)
+        inspect.Parameter(
+            name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=RunOptions.model_fields[name].annotation
+        )
         for name, default in option_defaults().items()
     ]
 
@@ -212,6 +211,8 @@ def option_parameters() -> list[inspect.Parameter]:
 def options_from_parameters(values: dict[str, Any]) -> dict[str, Any]:
     """Flow or CLI values -> RunOptions input: a list option given as None (or an empty tuple,
     from a repeatable CLI option) means "none given"."""
-    return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in values.items()
-            if not (v is None and RunOptions.model_fields[k].default_factory is not None)}
-
+    return {
+        k: (list(v) if isinstance(v, (list, tuple)) else v)
+        for k, v in values.items()
+        if not (v is None and RunOptions.model_fields[k].default_factory is not None)
+    }

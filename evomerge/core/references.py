@@ -13,8 +13,8 @@ so it is scored through exactly the same merge-load-evaluate path as every candi
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -38,8 +38,11 @@ def baseline_merges(space: SearchSpace) -> list[tuple[str, dict, list[float]]]:
     """``(label, mergekit config, search vector)`` of every baseline: each parent (no vector),
     then the uniform merge."""
     merges = [
-        (f"{PARENT_PREFIX}{space.model_label(model)}",
-         {"merge_method": "passthrough", "models": [{"model": model}], "dtype": space.dtype}, [])
+        (
+            f"{PARENT_PREFIX}{space.model_label(model)}",
+            {"merge_method": "passthrough", "models": [{"model": model}], "dtype": space.dtype},
+            [],
+        )
         for model in parent_models(space)
     ]
     uniform = space.initial_point()
@@ -62,11 +65,19 @@ def baseline_requests(
             variants.append((candidate_key(merge, held_out), True))
         for key, is_held_out in variants:
             if key not in recorded:
-                requests.append(CandidateRequest(
-                    key=key, generation=REFERENCE_GENERATION, index=index, vector=vector,
-                    merge_config=merge, kind="baseline", label=label, held_out=is_held_out,
-                    search_key=search_key,
-                ))
+                requests.append(
+                    CandidateRequest(
+                        key=key,
+                        generation=REFERENCE_GENERATION,
+                        index=index,
+                        vector=vector,
+                        merge_config=merge,
+                        kind="baseline",
+                        label=label,
+                        held_out=is_held_out,
+                        search_key=search_key,
+                    )
+                )
     return requests
 
 
@@ -86,11 +97,18 @@ def held_out_requests(
     for record in candidates:
         key = candidate_key(record.merge_config, held_out)
         if key not in recorded:
-            requests.append(CandidateRequest(
-                key=key, generation=record.generation, index=record.index, vector=record.vector,
-                merge_config=record.merge_config, kind="candidate", held_out=True,
-                search_key=record.key,
-            ))
+            requests.append(
+                CandidateRequest(
+                    key=key,
+                    generation=record.generation,
+                    index=record.index,
+                    vector=record.vector,
+                    merge_config=record.merge_config,
+                    kind="candidate",
+                    held_out=True,
+                    search_key=record.key,
+                )
+            )
     return requests
 
 
@@ -120,8 +138,7 @@ def paired_difference(
         x, y = np.asarray(a[task.name], dtype=float), np.asarray(b[task.name], dtype=float)
         if x.shape != y.shape or x.size < 2:
             raise ValueError(
-                f"task {task.name!r}: per-item scores of unequal length ({x.size} and {y.size}) "
-                "cannot be paired"
+                f"task {task.name!r}: per-item scores of unequal length ({x.size} and {y.size}) cannot be paired"
             )
         d = x - y
         difference += task.weight * float(d.mean())

@@ -35,19 +35,25 @@ def candidate_rows(records: Iterable[CandidateRecord], tasks: Sequence[TaskConfi
 
 
 def generation_stats(
-    records: Iterable[CandidateRecord], tasks: Sequence[TaskConfiguration], best: CandidateRecord | None,
+    records: Iterable[CandidateRecord],
+    tasks: Sequence[TaskConfiguration],
+    best: CandidateRecord | None,
     evaluations: int,
 ) -> dict[str, float | int]:
     """Per-generation numbers for a metrics logger: fitness mean/max/min, per-task mean/max,
     failures, the run's best so far and evaluations spent."""
     records = list(records)
     ok = [r for r in records if r.status == "ok" and r.score is not None]
-    stats: dict[str, float | int] = {"evaluations": evaluations, "candidates": len(records),
-                                     "failed": len(records) - len(ok)}
+    stats: dict[str, float | int] = {
+        "evaluations": evaluations,
+        "candidates": len(records),
+        "failed": len(records) - len(ok),
+    }
     if ok:
         scores = [r.score for r in ok]
-        stats.update({"fitness/mean": sum(scores) / len(scores), "fitness/max": max(scores),
-                      "fitness/min": min(scores)})
+        stats.update(
+            {"fitness/mean": sum(scores) / len(scores), "fitness/max": max(scores), "fitness/min": min(scores)}
+        )
         for task in tasks:
             values = [v for r in ok if (v := r.metrics.get(task.name, {}).get(task.metric)) is not None]
             if values:
@@ -58,9 +64,7 @@ def generation_stats(
     return stats
 
 
-def best_config_markdown(
-    record: CandidateRecord | None, config_yaml: str, evaluations: int, max_fevals: int
-) -> str:
+def best_config_markdown(record: CandidateRecord | None, config_yaml: str, evaluations: int, max_fevals: int) -> str:
     """``config_yaml``: the record's merge configuration as YAML (rendered by a backend)."""
     if record is None:
         return f"# Best merge so far\n\nNo candidate has succeeded yet ({evaluations} of {max_fevals} evaluations spent).\n"
@@ -92,8 +96,10 @@ def progress_line(
     seconds_left: float | None = None,
 ) -> str:
     """``generation 3: 40/100 evaluations, best 1.8200, mean 1.6123, 52 s elapsed, ~78 s left``."""
-    parts = [f"generation {generation}: {evaluations}/{max_fevals} evaluations",
-             f"best fitness {'none' if best is None else f'{best:.4f}'}"]
+    parts = [
+        f"generation {generation}: {evaluations}/{max_fevals} evaluations",
+        f"best fitness {'none' if best is None else f'{best:.4f}'}",
+    ]
     if mean is not None:
         parts.append(f"generation mean {mean:.4f}")
     parts.append(f"{elapsed:.0f} s elapsed")
@@ -139,7 +145,8 @@ def comparison_rows(
     def row(label: str, record: CandidateRecord) -> ComparisonRow:
         scored = by_search_key.get(record.key)
         return ComparisonRow(
-            label=label, key=record.key,
+            label=label,
+            key=record.key,
             search_score=record.score if record.status == "ok" else None,
             search_metrics=_task_values(record, tasks),
             held_out_score=scored.score if scored else None,
@@ -162,17 +169,16 @@ def comparison_for(
 ) -> list[ComparisonRow]:
     """The comparison of a search: its ``top`` best candidates and its baselines (``config``:
     the EvolveConfig, for the tasks and held-out tasks)."""
-    return comparison_rows(top_candidates(records, max(1, top)), baselines, held_out, config.tasks,
-                           config.held_out_tasks)
+    return comparison_rows(
+        top_candidates(records, max(1, top)), baselines, held_out, config.tasks, config.held_out_tasks
+    )
 
 
 def _task_values(record: CandidateRecord, tasks: Sequence[TaskConfiguration]) -> dict[str, float | None]:
     return {f"{t.name} {t.metric}": record.metrics.get(t.name, {}).get(t.metric) for t in tasks}
 
 
-def comparison_summary(
-    rows: Sequence[ComparisonRow], held_out_tasks: Sequence[TaskConfiguration] | None
-) -> dict:
+def comparison_summary(rows: Sequence[ComparisonRow], held_out_tasks: Sequence[TaskConfiguration] | None) -> dict:
     """For summary.json: each row's scores, the gain over the best parent on the search's tasks
     and, on held-out tasks, the best candidate against every baseline (paired over items)."""
     evolved = next((r for r in rows if r.is_evolved), None)
@@ -180,14 +186,21 @@ def comparison_summary(
     best_parent = max(parents, key=lambda r: r.search_score, default=None)
     out: dict = {
         "models": [
-            {"label": r.label, "key": r.key, "fitness": r.search_score, "metrics": r.search_metrics,
-             "held_out_fitness": r.held_out_score, "held_out_metrics": r.held_out_metrics or None}
+            {
+                "label": r.label,
+                "key": r.key,
+                "fitness": r.search_score,
+                "metrics": r.search_metrics,
+                "held_out_fitness": r.held_out_score,
+                "held_out_metrics": r.held_out_metrics or None,
+            }
             for r in rows
         ],
         "best_parent": best_parent.label if best_parent else None,
         "gain_over_best_parent": (
             evolved.search_score - best_parent.search_score
-            if evolved and best_parent and evolved.search_score is not None else None
+            if evolved and best_parent and evolved.search_score is not None
+            else None
         ),
         "held_out_vs_baselines": {},
     }
@@ -197,8 +210,10 @@ def comparison_summary(
                 continue
             d = paired_difference(evolved.held_out_items, r.held_out_items, held_out_tasks)
             out["held_out_vs_baselines"][r.label] = {
-                "difference": d.difference, "standard_error": d.standard_error,
-                "standard_errors": d.z, "items": d.items,
+                "difference": d.difference,
+                "standard_error": d.standard_error,
+                "standard_errors": d.z,
+                "items": d.items,
             }
     return out
 
@@ -217,10 +232,16 @@ def comparison_markdown(
     held_columns = [f"{t.name} {t.metric}" for t in held_out_tasks or []]
     if held_columns:
         header += [f"held out: {c}" for c in held_columns] + ["held-out fitness"]
-    lines = ["# Evolved merge against its baselines", "",
-             "Fitness on the search's tasks" + (" and on the held-out tasks (never seen by the search)"
-                                                if held_columns else "") + ".", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [
+        "# Evolved merge against its baselines",
+        "",
+        "Fitness on the search's tasks"
+        + (" and on the held-out tasks (never seen by the search)" if held_columns else "")
+        + ".",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
     for r in rows:
         cells = [r.label, *(_fmt(r.search_metrics.get(c)) for c in columns), _fmt(r.search_score)]
         if held_columns:
@@ -228,13 +249,17 @@ def comparison_markdown(
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     if summary["gain_over_best_parent"] is not None:
-        lines.append(f"Gain of the best candidate over the best parent ({summary['best_parent']}) on the "
-                     f"search's tasks: {summary['gain_over_best_parent']:+.4f} (selected on these "
-                     "tasks, so optimistic).")
+        lines.append(
+            f"Gain of the best candidate over the best parent ({summary['best_parent']}) on the "
+            f"search's tasks: {summary['gain_over_best_parent']:+.4f} (selected on these "
+            "tasks, so optimistic)."
+        )
     for label, d in summary["held_out_vs_baselines"].items():
-        lines.append(f"- held out, best candidate - {label}: {d['difference']:+.4f} "
-                     f"(paired standard error {d['standard_error']:.4f}, {d['standard_errors']:.1f} SE, "
-                     f"{d['items']} items)")
+        lines.append(
+            f"- held out, best candidate - {label}: {d['difference']:+.4f} "
+            f"(paired standard error {d['standard_error']:.4f}, {d['standard_errors']:.1f} SE, "
+            f"{d['items']} items)"
+        )
     return "\n".join(lines) + "\n"
 
 

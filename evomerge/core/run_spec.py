@@ -14,11 +14,28 @@ from evomerge.core.search_space import SearchSpace, default_popsize
 # Options that do not change which candidates are asked or how they score: a run started again
 # with other values of these continues the same search.
 _NOT_IN_FINGERPRINT = {
-    "max_fevals", "timeout", "batch_size", "num_gpus", "cpu_slots", "ray_address",
-    "wandb", "wandb_project", "wandb_entity", "save_final_model", "slot_start_timeout",
-    "max_failed_fraction", "reshard", "merge_cuda", "strategy", "in_memory",
-    "task_search_path", "candidate_timeout", "worker_retries",
-    "generations_per_run", "baselines", "held_out_top",
+    "max_fevals",
+    "timeout",
+    "batch_size",
+    "num_gpus",
+    "cpu_slots",
+    "ray_address",
+    "wandb",
+    "wandb_project",
+    "wandb_entity",
+    "save_final_model",
+    "slot_start_timeout",
+    "max_failed_fraction",
+    "reshard",
+    "merge_cuda",
+    "strategy",
+    "in_memory",
+    "task_search_path",
+    "candidate_timeout",
+    "worker_retries",
+    "generations_per_run",
+    "baselines",
+    "held_out_top",
 }
 # Options added after evomerge 0.1 that shape the search: in the fingerprint only when set away
 # from their default, so that a storage path written before they existed keeps its fingerprint.
@@ -75,7 +92,10 @@ class RunSpec(BaseModel):
         shaping.update(self.options.model_dump(mode="json", include=_IN_FINGERPRINT_WHEN_SET, exclude_defaults=True))
         payload = canonical_json(
             # Held-out tasks never reach CMA-ES: adding some continues the same search.
-            {"config": self.config.model_dump(mode="json", exclude={"held_out_tasks"}), "options": shaping,
-             "models": self.models.model_dump(mode="json")}
+            {
+                "config": self.config.model_dump(mode="json", exclude={"held_out_tasks"}),
+                "options": shaping,
+                "models": self.models.model_dump(mode="json"),
+            }
         )
         return hashlib.sha256(payload.encode()).hexdigest()[:16]

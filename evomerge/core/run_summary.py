@@ -52,9 +52,9 @@ def run_summary(
         "best_fitness": best.score if best else None,
         "best_key": best.key if best else None,
         "best_generation": best.generation if best else None,
-        "best_metrics": {
-            t.name: {t.metric: best.metrics.get(t.name, {}).get(t.metric)} for t in tasks
-        } if best else None,
+        "best_metrics": {t.name: {t.metric: best.metrics.get(t.name, {}).get(t.metric)} for t in tasks}
+        if best
+        else None,
         "best_parameters": best.parameters if best else None,
         "mean_seconds_per_candidate": mean_timings(records),
         "finished_reason": finished_reason,

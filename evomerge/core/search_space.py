@@ -98,9 +98,7 @@ class SearchSpace:
         self.num_groups = num_layers // self.layers_per_group
         self.parameters_per_model = tuple(p.name for p in self.method.per_model)
         self.filter_sets: tuple[str | None, ...] = (*(genome.filters or []), None)
-        self.weighted_models: tuple[str, ...] = (
-            tuple(genome.non_base_models) if self.method.per_model else ()
-        )
+        self.weighted_models: tuple[str, ...] = tuple(genome.non_base_models) if self.method.per_model else ()
         if self.method.base == "first_model":
             # slerp interpolates from the base (t = 0) to the other model (t = 1)
             base = genome.effective_base_model
@@ -124,7 +122,7 @@ class SearchSpace:
         # (capped entry, the density it is capped by): della's epsilon
         self._density_margins = [
             (i, index[(c.group, c.model, c.filter, "density")])
-            for i, (c, p) in enumerate(zip(coords, self._parameters))
+            for i, (c, p) in enumerate(zip(coords, self._parameters, strict=True))
             if p.within_density_margin
         ]
         self._labels = _short_labels([*genome.models, *([genome.base_model] if genome.base_model else [])])
@@ -156,7 +154,7 @@ class SearchSpace:
         """The values the merge will use, in vector form (see the module docstring)."""
         x = self._as_vector(x)
         negative = self.genome.allow_negative_weights
-        out = np.array([p.decode(float(v), negative) for p, v in zip(self._parameters, x)])
+        out = np.array([p.decode(float(v), negative) for p, v in zip(self._parameters, x, strict=True)])
         for i, density in self._density_margins:
             out[i] = within_density_margin(float(out[i]), float(out[density]))
         return out
@@ -193,12 +191,11 @@ class SearchSpace:
 
     def named_parameters(self, x: np.ndarray) -> dict[str, float]:
         """``{"layers 0-1/model_a/weight": 0.5, ...}``: the decoded values, for records and tables."""
-        return dict(zip(self.labels(), (float(v) for v in self.canonical(x))))
+        return dict(zip(self.labels(), (float(v) for v in self.canonical(x)), strict=True))
 
     def _value_table(self, values: np.ndarray) -> dict[tuple, float]:
         return {
-            (c.group, c.model, c.filter, c.parameter): float(v)
-            for c, v in zip(self.coordinates, values)
+            (c.group, c.model, c.filter, c.parameter): float(v) for c, v in zip(self.coordinates, values, strict=True)
         }
 
     def _model_parameters(self, table: dict, groups: list[int], model: str) -> dict[str, Any]:
@@ -213,10 +210,7 @@ class SearchSpace:
             if len(per_filter) == 1:
                 params[p] = per_filter[0][1]
             else:
-                params[p] = [
-                    ({"filter": f, "value": v} if f is not None else {"value": v})
-                    for f, v in per_filter
-                ]
+                params[p] = [({"filter": f, "value": v} if f is not None else {"value": v}) for f, v in per_filter]
         return params
 
     def _source_models(self) -> list[str]:
@@ -278,9 +272,7 @@ class SearchSpace:
                 for source in slice_["sources"]:
                     if source["model"] in self.weighted_models:
                         self._read_parameters(table, [g], source)
-        return np.array(
-            [table[(c.group, c.model, c.filter, c.parameter)] for c in self.coordinates]
-        )
+        return np.array([table[(c.group, c.model, c.filter, c.parameter)] for c in self.coordinates])
 
     def _read_parameters(self, table: dict, groups: list[int], entry: dict[str, Any]) -> None:
         model = entry["model"]
@@ -292,7 +284,7 @@ class SearchSpace:
             )
             for f, value in per_filter.items():
                 series = value if isinstance(value, list) else [value]
-                for g, v in zip(groups, series):
+                for g, v in zip(groups, series, strict=True):
                     table[(g, model, f, p)] = float(v)
 
     def _as_vector(self, x) -> np.ndarray:

@@ -149,8 +149,7 @@ class _Generational:
         if step.generation != self._generation or not np.array_equal(asked, np.asarray(step.vectors, dtype=float)):
             self._open = None
             raise ReplayMismatchError(
-                f"{self.name} with this seed asks other vectors in generation {self._generation} than "
-                "were stored"
+                f"{self.name} with this seed asks other vectors in generation {self._generation} than were stored"
             )
         buffer, self._open = self._open, None
         assert buffer is not None
@@ -233,8 +232,9 @@ class CmaEsSearcher(_Generational):
         self._asked_padded = None
 
     def _step(self, generation: int, vectors: np.ndarray, scores: np.ndarray) -> SearchStep:
-        return SearchStep(generation, _rows(vectors), tuple(float(s) for s in scores),
-                          self.sigma, tuple(float(m) for m in self.mean))
+        return SearchStep(
+            generation, _rows(vectors), tuple(float(s) for s in scores), self.sigma, tuple(float(m) for m in self.mean)
+        )
 
 
 class RandomSearcher(_Generational):

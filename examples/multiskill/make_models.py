@@ -80,13 +80,20 @@ BATCH = 32
 # Base: the learning-rate schedule is that of a 1,500-step run, but training stops at
 # step 300, so that both evaluated skills are only emerging (room for the experts).
 BASE = {
-    "lr": 1e-3, "schedule_steps": 1500, "stop_at": 300, "warmup": 30,
+    "lr": 1e-3,
+    "schedule_steps": 1500,
+    "stop_at": 300,
+    "warmup": 30,
     "mix": {"text": 0.50, "copy": 0.10, "shift": 0.15, "rev": 0.25},
 }
 # Experts: own skill 70%, the other skill's prompts with the base's own answers 30%.
 EXPERT = {
-    "lr": 3e-4, "schedule_steps": 400, "stop_at": 400, "warmup": 20,
-    "own": 0.7, "distill_pool": 4096,  # prompts of the other skill answered by the base
+    "lr": 3e-4,
+    "schedule_steps": 400,
+    "stop_at": 400,
+    "warmup": 20,
+    "own": 0.7,
+    "distill_pool": 4096,  # prompts of the other skill answered by the base
 }
 SEED = 0
 
@@ -115,14 +122,38 @@ class PseudoText:
 
     def __init__(self, seed: int, n_words: int = 240, successors: int = 4):
         rng = random.Random(f"lexicon-{seed}")
-        onsets = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z",
-                  "br", "st", "tr", "kl", "sh", "ch"]
+        onsets = [
+            "b",
+            "d",
+            "f",
+            "g",
+            "k",
+            "l",
+            "m",
+            "n",
+            "p",
+            "r",
+            "s",
+            "t",
+            "v",
+            "z",
+            "br",
+            "st",
+            "tr",
+            "kl",
+            "sh",
+            "ch",
+        ]
         vowels = ["a", "e", "i", "o", "u", "ai", "ou"]
         codas = ["", "", "n", "r", "s", "l", "m", "k"]
         words: set[str] = set()
         while len(words) < n_words:
-            words.add("".join(rng.choice(onsets) + rng.choice(vowels) + rng.choice(codas)
-                              for _ in range(rng.choice((1, 1, 2, 2, 3)))))
+            words.add(
+                "".join(
+                    rng.choice(onsets) + rng.choice(vowels) + rng.choice(codas)
+                    for _ in range(rng.choice((1, 1, 2, 2, 3)))
+                )
+            )
         # Sorted before shuffling: set order is not stable across processes.
         self.words = sorted(words)
         rng.shuffle(self.words)
@@ -215,9 +246,9 @@ class Batcher:
         self.head = {s: tokenizer.encode(f"{s} ", add_special_tokens=False) for s in APPLY}
         for s in APPLY:
             x = "407192"
-            assert self.prompt_ids(s, x) == tokenizer.encode(
-                data.prompt(s, x), add_special_tokens=False
-            ), "tokenizer does not split prompts as expected"
+            assert self.prompt_ids(s, x) == tokenizer.encode(data.prompt(s, x), add_special_tokens=False), (
+                "tokenizer does not split prompts as expected"
+            )
 
     def prompt_ids(self, skill: str, x: str) -> list[int]:
         return self.head[skill] + [self.digit[c] for c in x] + [self.equals]
@@ -243,10 +274,10 @@ class Batcher:
 
     def batch(self, mix: dict[str, float], size: int = BATCH):
         kinds = self.rng.choices(list(mix), list(mix.values()), k=size)
-        seqs, labels = zip(*(self.sample(k) for k in kinds))
+        seqs, labels = zip(*(self.sample(k) for k in kinds), strict=True)
         width = max(map(len, seqs))
         ids = torch.tensor([s + [self.pad] * (width - len(s)) for s in seqs])
-        lab = torch.tensor([l + [-100] * (width - len(l)) for l in labels])
+        lab = torch.tensor([ls + [-100] * (width - len(ls)) for ls in labels])
         return ids, lab
 
 
@@ -301,12 +332,13 @@ class Probe:
         out = {}
         for skill, (prompts, answers) in self.items.items():
             gens = greedy(model, prompts, self.batcher.eos)
-            out[skill] = sum(g == a for g, a in zip(gens, answers)) / len(answers)
+            out[skill] = sum(g == a for g, a in zip(gens, answers, strict=True)) / len(answers)
         return out
 
 
-def _train(model, batcher: Batcher, mix: dict[str, float], params, *, lr: float,
-           schedule_steps: int, stop_at: int, warmup: int) -> float:
+def _train(
+    model, batcher: Batcher, mix: dict[str, float], params, *, lr: float, schedule_steps: int, stop_at: int, warmup: int
+) -> float:
     """AdamW; linear warmup, then cosine decay to 0 at ``schedule_steps``; stops at
     ``stop_at``.  Returns the mean loss over the last 20 steps."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
@@ -341,8 +373,9 @@ def _expert_params(model):
     return [p for n, p in model.named_parameters() if ".layers." in n and "norm" not in n]
 
 
-def train_expert(model, tokenizer, text: PseudoText, batcher: Batcher, skill: str, *,
-                 seed: int, cfg: dict = EXPERT) -> float:
+def train_expert(
+    model, tokenizer, text: PseudoText, batcher: Batcher, skill: str, *, seed: int, cfg: dict = EXPERT
+) -> float:
     """Fine-tune ``model`` (holding the base weights) in place into the ``skill`` expert.
 
     Only the attention and MLP weights of the decoder layers train.  Returns the mean
@@ -352,9 +385,8 @@ def train_expert(model, tokenizer, text: PseudoText, batcher: Batcher, skill: st
     # The other skill's prompts answered by the base itself (whatever it says, right or
     # wrong): keeps the expert's behaviour there close to the base's.
     rng = random.Random(f"distill-{seed}-{skill}")
-    prompts = [batcher.prompt_ids(other, batcher.train_digits(rng))
-               for _ in range(cfg["distill_pool"])]
-    pool = list(zip(prompts, greedy(model, prompts, tokenizer.eos_token_id)))
+    prompts = [batcher.prompt_ids(other, batcher.train_digits(rng)) for _ in range(cfg["distill_pool"])]
+    pool = list(zip(prompts, greedy(model, prompts, tokenizer.eos_token_id), strict=True))
     torch.manual_seed(seed)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -411,19 +443,20 @@ def build_example(out_dir: str | Path, *, seed: int = SEED) -> dict[str, Path]:
             t0 = time.perf_counter()
             model.load_state_dict(base_state)
             loss = train_expert(model, tokenizer, text, batcher, skill, seed=seed * 1000 + 10 + i)
-            _report(f"{skill}_expert", EXPERT["stop_at"], loss, probe.exact_match(model),
-                    time.perf_counter() - t0)
+            _report(f"{skill}_expert", EXPERT["stop_at"], loss, probe.exact_match(model), time.perf_counter() - t0)
             _save(model, tokenizer, paths[f"{skill}_expert"])
 
-    print(f"built multiskill example (seed {seed}) in {time.perf_counter() - t_start:.1f}s"
-          f" -> {out_dir}", flush=True)
+    print(f"built multiskill example (seed {seed}) in {time.perf_counter() - t_start:.1f}s -> {out_dir}", flush=True)
     return paths
 
 
 def _report(name: str, steps: int, loss: float, em: dict[str, float], seconds: float) -> None:
     accs = " ".join(f"{k}={v:.2f}" for k, v in em.items())
-    print(f"  {name}: {steps} steps in {seconds:.1f}s, loss (last 20 steps) {loss:.3f},"
-          f" train-split greedy exact match {accs}", flush=True)
+    print(
+        f"  {name}: {steps} steps in {seconds:.1f}s, loss (last 20 steps) {loss:.3f},"
+        f" train-split greedy exact match {accs}",
+        flush=True,
+    )
 
 
 def _save(model, tokenizer, path: Path) -> None:

@@ -63,12 +63,24 @@ data = _load_data_module()
 # `base_max_steps` steps); each expert then trains `expert_steps` steps on its own
 # skill, with a `replay` share of the other skill (less forgetting, better merges).
 FULL = dict(
-    base_max_steps=300, base_target=0.67, expert_steps=80, batch=64, base_lr=3e-3,
-    expert_lr=2e-3, base_mix={"shift": 0.3, "rev": 0.7}, replay=0.05,
+    base_max_steps=300,
+    base_target=0.67,
+    expert_steps=80,
+    batch=64,
+    base_lr=3e-3,
+    expert_lr=2e-3,
+    base_mix={"shift": 0.3, "rev": 0.7},
+    replay=0.05,
 )
 QUICK = dict(
-    base_max_steps=200, base_target=0.55, expert_steps=60, batch=48, base_lr=3e-3,
-    expert_lr=3e-3, base_mix={"shift": 0.3, "rev": 0.7}, replay=0.05,
+    base_max_steps=200,
+    base_target=0.55,
+    expert_steps=60,
+    batch=48,
+    base_lr=3e-3,
+    expert_lr=3e-3,
+    base_mix={"shift": 0.3, "rev": 0.7},
+    replay=0.05,
 )
 MODEL_SHAPE = dict(
     hidden_size=64,
@@ -151,9 +163,9 @@ class Batcher:
         self.head = {s: tokenizer.encode(f"{s} ", add_special_tokens=False) for s in data.SKILLS}
         for s in data.SKILLS:
             x = "40719"
-            assert self._prompt_ids(s, x) == tokenizer.encode(
-                data.prompt(s, x), add_special_tokens=False
-            ), "tokenizer does not split prompts as expected"
+            assert self._prompt_ids(s, x) == tokenizer.encode(data.prompt(s, x), add_special_tokens=False), (
+                "tokenizer does not split prompts as expected"
+            )
 
     def _prompt_ids(self, skill: str, x: str) -> list[int]:
         return self.head[skill] + [self.digit[c] for c in x] + [self.equals]
@@ -177,7 +189,7 @@ class Batcher:
             labels.append([-100] * len(p) + a)
         width = max(map(len, seqs))
         ids = torch.tensor([s + [self.pad] * (width - len(s)) for s in seqs])
-        lab = torch.tensor([l + [-100] * (width - len(l)) for l in labels])
+        lab = torch.tensor([ls + [-100] * (width - len(ls)) for ls in labels])
         return ids, lab
 
 
@@ -319,8 +331,15 @@ def build_example(out_dir: str | Path, *, seed: int = 0, quick: bool = False) ->
             return False
 
         steps, loss = _train(
-            model, batcher, mix, steps=cfg["base_max_steps"], batch=cfg["batch"],
-            lr=cfg["base_lr"], params=list(model.parameters()), until=emerging, check_every=5,
+            model,
+            batcher,
+            mix,
+            steps=cfg["base_max_steps"],
+            batch=cfg["batch"],
+            lr=cfg["base_lr"],
+            params=list(model.parameters()),
+            until=emerging,
+            check_every=5,
         )
         report["base"] = (steps, loss, probe.accuracy(model))
         base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -337,8 +356,13 @@ def build_example(out_dir: str | Path, *, seed: int = 0, quick: bool = False) ->
             others = [s for s in data.SKILLS if s != skill]
             mix = {skill: 1.0 - cfg["replay"], **{s: cfg["replay"] / len(others) for s in others}}
             steps, loss = _train(
-                model, Batcher(tokenizer, seed=seed * 1000 + 20 + i), mix,
-                steps=cfg["expert_steps"], batch=cfg["batch"], lr=cfg["expert_lr"], params=params,
+                model,
+                Batcher(tokenizer, seed=seed * 1000 + 20 + i),
+                mix,
+                steps=cfg["expert_steps"],
+                batch=cfg["batch"],
+                lr=cfg["expert_lr"],
+                params=params,
             )
             report[f"{skill}_expert"] = (steps, loss, probe.accuracy(model))
             for p in model.parameters():
@@ -350,8 +374,7 @@ def build_example(out_dir: str | Path, *, seed: int = 0, quick: bool = False) ->
         accs = " ".join(f"{k}={v:.2f}" for k, v in acc.items())
         print(f"  {name}: {steps} steps, last loss {loss:.3f}, probe acc {accs}", flush=True)
     print(
-        f"built tiny example ({'quick' if quick else 'full'}, seed {seed}) in {elapsed:.1f}s"
-        f" -> {out_dir}",
+        f"built tiny example ({'quick' if quick else 'full'}, seed {seed}) in {elapsed:.1f}s -> {out_dir}",
         flush=True,
     )
     return paths

@@ -20,7 +20,9 @@ from __future__ import annotations
 def char_accuracy(prediction: str, answer: str) -> float:
     if not prediction or not answer:
         return 0.0
-    return sum(p == a for p, a in zip(prediction, answer)) / len(answer)
+    return sum(p == a for p, a in zip(prediction, answer, strict=False)) / len(
+        answer
+    )  # a short prediction misses the rest
 
 
 def item_metrics(prediction: str, answer: str) -> dict[str, float]:
