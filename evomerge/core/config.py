@@ -14,7 +14,9 @@ message says how to fix the problem.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
 
 from evomerge.core import merge_methods
 
@@ -58,7 +60,7 @@ class GenomeDefinition(_Strict):
 
     @field_validator("models", mode="before")
     @classmethod
-    def _models_as_strings(cls, value):
+    def _models_as_strings(cls, value: Any) -> Any:
         # mergekit accepts {model: ..., lora: ...} mappings too; evomerge keeps the string form.
         if isinstance(value, list):
             return [_model_reference_string(v) for v in value]
@@ -66,7 +68,7 @@ class GenomeDefinition(_Strict):
 
     @field_validator("base_model", mode="before")
     @classmethod
-    def _base_as_string(cls, value):
+    def _base_as_string(cls, value: Any) -> str | None:
         return None if value is None else _model_reference_string(value)
 
     @field_validator("merge_method")
@@ -163,10 +165,10 @@ def _check_count(
         return
     if low == high:
         needed = f"exactly {_COUNT_WORDS.get(low, low)}"
-    elif len(models) < low:
-        needed = f"at least {_COUNT_WORDS.get(low, low)}"
-    else:
+    elif high is not None and len(models) > high:
         needed = f"at most {_COUNT_WORDS.get(high, high)}"
+    else:
+        needed = f"at least {_COUNT_WORDS.get(low, low)}"
     raise ValueError(
         f"merge_method {method.name!r} needs {needed} {what}, got {len(models)} "
         f"({', '.join(models)}); {method.count_hint or 'change genome.models'}"
@@ -182,7 +184,7 @@ class TaskConfiguration(_Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _shorthand(cls, value):
+    def _shorthand(cls, value: Any) -> Any:
         if isinstance(value, str):
             return {"name": value}
         return value
@@ -217,7 +219,7 @@ class EvolveConfig(_Strict):
 
     @field_validator("tasks", "held_out_tasks")
     @classmethod
-    def _some_tasks(cls, value: list[TaskConfiguration] | None, info) -> list[TaskConfiguration] | None:
+    def _some_tasks(cls, value: list[TaskConfiguration] | None, info: ValidationInfo) -> list[TaskConfiguration] | None:
         if value is None:
             return None
         if not value:
@@ -236,7 +238,7 @@ class EvolveConfig(_Strict):
 
     @field_validator("limit")
     @classmethod
-    def _positive_limit(cls, value):
+    def _positive_limit(cls, value: int | float | None) -> int | float | None:
         if value is not None and value <= 0:
             raise ValueError("must be positive (a number of items, or a fraction below 1)")
         return value
@@ -254,7 +256,7 @@ def benchmark_task_names(config: EvolveConfig) -> list[str]:
     return [t.name for t in config.tasks if t.name.startswith(BENCHMARK_PREFIXES) and not t.name.endswith("_train")]
 
 
-def _model_reference_string(value) -> str:
+def _model_reference_string(value: object) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, dict) and set(value) <= {"model", "lora", "override_architecture"}:

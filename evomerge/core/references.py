@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -34,10 +35,10 @@ def parent_models(space: SearchSpace) -> list[str]:
     return list(dict.fromkeys([*([genome.base_model] if genome.base_model else []), *genome.models]))
 
 
-def baseline_merges(space: SearchSpace) -> list[tuple[str, dict, list[float]]]:
+def baseline_merges(space: SearchSpace) -> list[tuple[str, dict[str, Any], list[float]]]:
     """``(label, mergekit config, search vector)`` of every baseline: each parent (no vector),
     then the uniform merge."""
-    merges = [
+    merges: list[tuple[str, dict[str, Any], list[float]]] = [
         (
             f"{PARENT_PREFIX}{space.model_label(model)}",
             {"merge_method": "passthrough", "models": [{"model": model}], "dtype": space.dtype},
@@ -83,8 +84,11 @@ def baseline_requests(
 
 def top_candidates(records: Mapping[str, CandidateRecord], count: int) -> list[CandidateRecord]:
     """The ``count`` best successful candidates, best first (ties: earliest evaluated)."""
-    ok = [r for r in records.values() if r.kind == "candidate" and r.status == "ok" and r.score is not None]
-    return sorted(ok, key=lambda r: (-r.score, r.generation, r.index))[:count]
+    scored = [
+        (r.score, r) for r in records.values() if r.kind == "candidate" and r.status == "ok" and r.score is not None
+    ]
+    ranked = sorted(scored, key=lambda pair: (-pair[0], pair[1].generation, pair[1].index))
+    return [r for _, r in ranked[:count]]
 
 
 def held_out_requests(

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from evomerge.core.config import TaskConfiguration
+from evomerge.core.config import EvolveConfig, TaskConfiguration
 from evomerge.core.records import CandidateRecord
 from evomerge.core.references import PARENT_PREFIX, paired_difference, top_candidates
 
 
-def candidate_rows(records: Iterable[CandidateRecord], tasks: Sequence[TaskConfiguration]) -> list[dict]:
+def candidate_rows(records: Iterable[CandidateRecord], tasks: Sequence[TaskConfiguration]) -> list[dict[str, Any]]:
     """One row per candidate, in the order asked: parameters, per-task metrics, fitness, slot.
     Only tasks that some record was scored on get a column."""
     records = sorted(records, key=lambda r: (r.generation, r.index))
@@ -21,7 +22,11 @@ def candidate_rows(records: Iterable[CandidateRecord], tasks: Sequence[TaskConfi
     rows = []
     for r in records:
         name = r.label or f"{r.generation}.{r.index}"
-        row: dict = {"candidate": f"{name} (held out)" if r.held_out else name, "key": r.key, "status": r.status}
+        row: dict[str, Any] = {
+            "candidate": f"{name} (held out)" if r.held_out else name,
+            "key": r.key,
+            "status": r.status,
+        }
         row["fitness"] = None if r.score is None else round(r.score, 6)
         for task in tasks:
             value = r.metrics.get(task.name, {}).get(task.metric)
@@ -50,7 +55,7 @@ def generation_stats(
         "failed": len(records) - len(ok),
     }
     if ok:
-        scores = [r.score for r in ok]
+        scores = [r.score for r in ok if r.score is not None]  # every record of ok; the check only narrows the type
         stats.update(
             {"fitness/mean": sum(scores) / len(scores), "fitness/max": max(scores), "fitness/min": min(scores)}
         )
@@ -59,7 +64,7 @@ def generation_stats(
             if values:
                 stats[f"{task.name}/{task.metric}/mean"] = sum(values) / len(values)
                 stats[f"{task.name}/{task.metric}/max"] = max(values)
-    if best is not None:
+    if best is not None and best.score is not None:
         stats["best/fitness"] = best.score
     return stats
 
@@ -164,11 +169,11 @@ def comparison_for(
     records: Mapping[str, CandidateRecord],
     baselines: Mapping[str, CandidateRecord],
     held_out: Mapping[str, CandidateRecord],
-    config,
+    config: EvolveConfig,
     top: int,
 ) -> list[ComparisonRow]:
     """The comparison of a search: its ``top`` best candidates and its baselines (``config``:
-    the EvolveConfig, for the tasks and held-out tasks)."""
+    for the tasks and held-out tasks)."""
     return comparison_rows(
         top_candidates(records, max(1, top)), baselines, held_out, config.tasks, config.held_out_tasks
     )
@@ -178,13 +183,15 @@ def _task_values(record: CandidateRecord, tasks: Sequence[TaskConfiguration]) ->
     return {f"{t.name} {t.metric}": record.metrics.get(t.name, {}).get(t.metric) for t in tasks}
 
 
-def comparison_summary(rows: Sequence[ComparisonRow], held_out_tasks: Sequence[TaskConfiguration] | None) -> dict:
+def comparison_summary(
+    rows: Sequence[ComparisonRow], held_out_tasks: Sequence[TaskConfiguration] | None
+) -> dict[str, Any]:
     """For summary.json: each row's scores, the gain over the best parent on the search's tasks
     and, on held-out tasks, the best candidate against every baseline (paired over items)."""
     evolved = next((r for r in rows if r.is_evolved), None)
-    parents = [r for r in rows if r.label.startswith(PARENT_PREFIX) and r.search_score is not None]
-    best_parent = max(parents, key=lambda r: r.search_score, default=None)
-    out: dict = {
+    parents = [(r.search_score, r) for r in rows if r.label.startswith(PARENT_PREFIX) and r.search_score is not None]
+    best_parent_score, best_parent = max(parents, key=lambda pair: pair[0], default=(None, None))
+    out: dict[str, Any] = {
         "models": [
             {
                 "label": r.label,
@@ -198,8 +205,8 @@ def comparison_summary(rows: Sequence[ComparisonRow], held_out_tasks: Sequence[T
         ],
         "best_parent": best_parent.label if best_parent else None,
         "gain_over_best_parent": (
-            evolved.search_score - best_parent.search_score
-            if evolved and best_parent and evolved.search_score is not None
+            evolved.search_score - best_parent_score
+            if evolved and best_parent_score is not None and evolved.search_score is not None
             else None
         ),
         "held_out_vs_baselines": {},

@@ -78,7 +78,12 @@ class RunSpec(BaseModel):
         return self.evaluation.model_copy(update={"tasks": self.config.held_out_tasks})
 
     def evaluation_for(self, held_out: bool) -> EvaluationSettings:
-        return self.held_out_evaluation if held_out else self.evaluation
+        if not held_out:
+            return self.evaluation
+        held_out_evaluation = self.held_out_evaluation
+        if held_out_evaluation is None:
+            raise ValueError("a held-out evaluation was asked for, but the config has no held_out_tasks")
+        return held_out_evaluation
 
     def search_space(self) -> SearchSpace:
         return SearchSpace(self.config.genome, self.models.num_layers, dtype=self.models.dtype)

@@ -38,13 +38,20 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
+from numpy.typing import NDArray
 
 from evomerge.core.config import GenomeDefinition
 from evomerge.core.merge_methods import within_density_margin
+
+# A search vector as CMA-ES asks it (an array) or as a suggestion or record carries it (floats).
+VectorLike: TypeAlias = Sequence[float] | NDArray[np.float64]
+# One entry's value, looked up by what it sets: (group, model, filter, parameter), as in Coordinate.
+_ValueTable: TypeAlias = dict[tuple[int, str | None, str | None, str], float]
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,7 @@ class SearchSpace:
         if self.method.base == "first_model":
             # slerp interpolates from the base (t = 0) to the other model (t = 1)
             base = genome.effective_base_model
+            assert base is not None  # slerp's base falls back to the first model
             self.slerp_sources: tuple[str, str] = (base, genome.non_base_models[0])
         coords = [
             coordinate
@@ -143,14 +151,14 @@ class SearchSpace:
         return [c.label(self) for c in self.coordinates]
 
     # --- points ----------------------------------------------------------------------------
-    def initial_point(self, rng: np.random.Generator | None = None) -> np.ndarray:
+    def initial_point(self, rng: np.random.Generator | None = None) -> NDArray[np.float64]:
         """The uniform merge; with ``rng`` (config ``random_init: true``) uniform in [0, 1)."""
         if rng is not None:
             return rng.random(self.dimension)
         k = len(self.weighted_models)
         return np.array([p.start_value(k) for p in self._parameters], dtype=float)
 
-    def canonical(self, x: np.ndarray) -> np.ndarray:
+    def canonical(self, x: VectorLike) -> NDArray[np.float64]:
         """The values the merge will use, in vector form (see the module docstring)."""
         x = self._as_vector(x)
         negative = self.genome.allow_negative_weights
@@ -166,7 +174,7 @@ class SearchSpace:
         return [p.domain(negative) for p in self._parameters]
 
     # --- vector -> configuration -----------------------------------------------------------
-    def decode(self, x: np.ndarray) -> dict[str, Any]:
+    def decode(self, x: VectorLike) -> dict[str, Any]:
         """A mergekit merge configuration as a plain dict (``mergekit-yaml`` accepts its YAML)."""
         values = self.canonical(x)
         genome = self.genome
@@ -189,16 +197,16 @@ class SearchSpace:
             config["tokenizer_source"] = genome.tokenizer_source
         return config
 
-    def named_parameters(self, x: np.ndarray) -> dict[str, float]:
+    def named_parameters(self, x: VectorLike) -> dict[str, float]:
         """``{"layers 0-1/model_a/weight": 0.5, ...}``: the decoded values, for records and tables."""
         return dict(zip(self.labels(), (float(v) for v in self.canonical(x)), strict=True))
 
-    def _value_table(self, values: np.ndarray) -> dict[tuple, float]:
+    def _value_table(self, values: NDArray[np.float64]) -> _ValueTable:
         return {
             (c.group, c.model, c.filter, c.parameter): float(v) for c, v in zip(self.coordinates, values, strict=True)
         }
 
-    def _model_parameters(self, table: dict, groups: list[int], model: str) -> dict[str, Any]:
+    def _model_parameters(self, table: _ValueTable, groups: list[int], model: str) -> dict[str, Any]:
         """One model's parameters over the given groups: a scalar per group, or a gradient list
         (smooth), each possibly split by filter as mergekit's ``[{filter, value}, ...]``."""
         params: dict[str, Any] = {}
@@ -220,7 +228,7 @@ class SearchSpace:
             return list(self.slerp_sources)
         return self.genome.sources
 
-    def _discrete_slices(self, values: np.ndarray) -> list[dict[str, Any]]:
+    def _discrete_slices(self, values: NDArray[np.float64]) -> list[dict[str, Any]]:
         table = self._value_table(values)
         slices = []
         for g in range(self.num_groups):
@@ -241,7 +249,7 @@ class SearchSpace:
             slices.append(slice_)
         return slices
 
-    def _smooth_models(self, values: np.ndarray) -> list[dict[str, Any]]:
+    def _smooth_models(self, values: NDArray[np.float64]) -> list[dict[str, Any]]:
         table = self._value_table(values)
         groups = list(range(self.num_groups))
         models = []
@@ -253,14 +261,14 @@ class SearchSpace:
         return models
 
     # --- configuration -> vector -----------------------------------------------------------
-    def encode(self, config: dict[str, Any]) -> np.ndarray:
+    def encode(self, config: dict[str, Any]) -> NDArray[np.float64]:
         """The vector whose decoding is ``config`` (for configurations this space produces)."""
         if config.get("merge_method") != self.genome.merge_method:
             raise ValueError(
                 f"configuration uses merge_method {config.get('merge_method')!r}, "
                 f"this search space {self.genome.merge_method!r}"
             )
-        table: dict[tuple, float] = {}
+        table: _ValueTable = {}
         if self.genome.smooth:
             for entry in config["models"]:
                 if entry["model"] in self.weighted_models:
@@ -274,7 +282,7 @@ class SearchSpace:
                         self._read_parameters(table, [g], source)
         return np.array([table[(c.group, c.model, c.filter, c.parameter)] for c in self.coordinates])
 
-    def _read_parameters(self, table: dict, groups: list[int], entry: dict[str, Any]) -> None:
+    def _read_parameters(self, table: _ValueTable, groups: list[int], entry: dict[str, Any]) -> None:
         model = entry["model"]
         for p, setting in entry["parameters"].items():
             per_filter = (
@@ -287,7 +295,7 @@ class SearchSpace:
                 for g, v in zip(groups, series, strict=True):
                     table[(g, model, f, p)] = float(v)
 
-    def _as_vector(self, x) -> np.ndarray:
+    def _as_vector(self, x: VectorLike) -> NDArray[np.float64]:
         x = np.asarray(x, dtype=float).reshape(-1)
         if x.shape != (self.dimension,):
             raise ValueError(f"expected a vector of {self.dimension} values, got {x.shape[0]}")

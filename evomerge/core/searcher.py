@@ -22,9 +22,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
+from numpy.typing import NDArray
 
 from evomerge.core.fitness import scores_for_optimizer
 
@@ -64,7 +65,10 @@ class Searcher(Protocol):
 
     name: str
     dimension: int
-    popsize: int  # suggestions per generation
+
+    @property
+    def popsize(self) -> int:
+        """Suggestions per generation."""
 
     @property
     def generation(self) -> int:
@@ -83,7 +87,7 @@ class Searcher(Protocol):
 class _GenerationBuffer:
     """One generation's suggestions and the scores told so far, in any order."""
 
-    def __init__(self, generation: int, first_id: int, vectors: np.ndarray):
+    def __init__(self, generation: int, first_id: int, vectors: NDArray[np.float64]):
         self.generation = generation
         self.first_id = first_id
         self.vectors = vectors
@@ -164,13 +168,13 @@ class _Generational:
             )
 
     # what a concrete searcher provides
-    def _draw(self) -> np.ndarray:
+    def _draw(self) -> NDArray[np.float64]:
         raise NotImplementedError
 
-    def _learn(self, vectors: np.ndarray, scores: np.ndarray) -> None:
+    def _learn(self, vectors: NDArray[np.float64], scores: NDArray[np.float64]) -> None:
         raise NotImplementedError
 
-    def _step(self, generation: int, vectors: np.ndarray, scores: np.ndarray) -> SearchStep:
+    def _step(self, generation: int, vectors: NDArray[np.float64], scores: NDArray[np.float64]) -> SearchStep:
         return SearchStep(generation, _rows(vectors), tuple(float(s) for s in scores))
 
 
@@ -186,7 +190,7 @@ class CmaEsSearcher(_Generational):
 
     name = "cma-es"
 
-    def __init__(self, x0: Sequence[float], sigma0: float, seed: int, popsize: int | None = None):
+    def __init__(self, x0: Sequence[float] | NDArray[np.float64], sigma0: float, seed: int, popsize: int | None = None):
         super().__init__()
         start = np.asarray(x0, dtype=float)
         self.dimension = start.size
@@ -208,7 +212,7 @@ class CmaEsSearcher(_Generational):
         if popsize is not None:
             options["popsize"] = popsize
         self._es = _pycma().CMAEvolutionStrategy(start, sigma0, options)
-        self._asked_padded: np.ndarray | None = None
+        self._asked_padded: NDArray[np.float64] | None = None
 
     @property
     def popsize(self) -> int:
@@ -219,19 +223,19 @@ class CmaEsSearcher(_Generational):
         return float(self._es.sigma)
 
     @property
-    def mean(self) -> np.ndarray:
+    def mean(self) -> NDArray[np.float64]:
         return np.asarray(self._es.mean, dtype=float)[: self.dimension]
 
-    def _draw(self) -> np.ndarray:
+    def _draw(self) -> NDArray[np.float64]:
         self._asked_padded = np.array(self._es.ask(), dtype=float)
         return self._asked_padded[:, : self.dimension].copy()
 
-    def _learn(self, vectors: np.ndarray, scores: np.ndarray) -> None:
+    def _learn(self, vectors: NDArray[np.float64], scores: NDArray[np.float64]) -> None:
         assert self._asked_padded is not None
         self._es.tell(list(self._asked_padded), list(-scores))  # pycma minimizes
         self._asked_padded = None
 
-    def _step(self, generation: int, vectors: np.ndarray, scores: np.ndarray) -> SearchStep:
+    def _step(self, generation: int, vectors: NDArray[np.float64], scores: NDArray[np.float64]) -> SearchStep:
         return SearchStep(
             generation, _rows(vectors), tuple(float(s) for s in scores), self.sigma, tuple(float(m) for m in self.mean)
         )
@@ -243,25 +247,33 @@ class RandomSearcher(_Generational):
 
     name = "random"
 
-    def __init__(self, lower: Sequence[float], upper: Sequence[float], seed: int, popsize: int):
+    def __init__(
+        self,
+        lower: Sequence[float] | NDArray[np.float64],
+        upper: Sequence[float] | NDArray[np.float64],
+        seed: int,
+        popsize: int,
+    ):
         super().__init__()
-        self.lower, self.upper = np.asarray(lower, dtype=float), np.asarray(upper, dtype=float)
+        self.lower: NDArray[np.float64] = np.asarray(lower, dtype=float)
+        self.upper: NDArray[np.float64] = np.asarray(upper, dtype=float)
         if self.lower.shape != self.upper.shape or not np.all(self.upper > self.lower):
             raise ValueError("random search needs lower < upper in every coordinate")
         self.dimension = self.lower.size
         self.popsize = popsize
         self._rng = np.random.default_rng(seed)
 
-    def _draw(self) -> np.ndarray:
+    def _draw(self) -> NDArray[np.float64]:
         return self.lower + (self.upper - self.lower) * self._rng.random((self.popsize, self.dimension))
 
-    def _learn(self, vectors: np.ndarray, scores: np.ndarray) -> None:
+    def _learn(self, vectors: NDArray[np.float64], scores: NDArray[np.float64]) -> None:
         """Random search learns nothing."""
 
 
-def _pycma():
+def _pycma() -> Any:
     """pycma, imported when a CMA-ES searcher is built: its import loads matplotlib.pyplot and
-    scipy.stats (1.1 s), which the CLI's validation and the slots never need."""
+    scipy.stats (1.1 s), which the CLI's validation and the slots never need. (Typed ``Any``:
+    pycma ships no type information.)"""
     import warnings
 
     with warnings.catch_warnings():
@@ -272,5 +284,5 @@ def _pycma():
     return cma
 
 
-def _rows(vectors: np.ndarray) -> tuple[tuple[float, ...], ...]:
+def _rows(vectors: NDArray[np.float64]) -> tuple[tuple[float, ...], ...]:
     return tuple(tuple(float(v) for v in row) for row in vectors)
