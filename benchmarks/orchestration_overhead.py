@@ -120,7 +120,8 @@ def measure(storage: Path, start: float, end: float) -> dict:
 # The pipeline's start-up milestones, as the CLI logs them (HH:MM:SS.mmm | LEVEL | source - text).
 MILESTONES = [
     ("options, config, models, storage path checked", "start-up: options, config, models and storage path checked"),
-    ("task names checked, Ray started (server launched)", "start-up: task names checked, Ray started"),
+    ("task names checked (server launched)", "start-up: task names checked"),
+    ("Ray started", "start-up: Ray started"),
     ("slot actors launched", "start-up: slots launched"),
     ("flow module imported", "start-up: flow imported"),
     ("Prefect server ready", "start-up: Prefect server ready"),

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import click
 
@@ -102,16 +101,15 @@ def main(config: str, storage_path: str, **values) -> None:
             os.environ["PREFECT_API_URL"] = server.api_url
         else:
             click.echo(f"evomerge: using the Prefect server at {os.environ['PREFECT_API_URL']}")
-        # The task-name check (lm-eval's import and task index) runs while Ray starts; the slots
-        # need its answer (whether lm-eval's built-in tasks are needed), so they start after both.
-        with ThreadPoolExecutor(1) as background:
-            checking = background.submit(with_checked_tasks, spec)
-            started_ray = connect_ray(spec.options.ray_address)
-            try:
-                spec = checking.result()
-            except ConfigurationError as exc:
-                _refuse(exc)  # what was started is stopped below
-        _startup("task names checked, Ray started")
+        # The task names (lm-eval's import and task index) are checked while the server boots, and
+        # before Ray starts, so that a misspelt task is refused at once.
+        try:
+            spec = with_checked_tasks(spec)
+        except ConfigurationError as exc:
+            _refuse(exc)  # the server is stopped below
+        _startup("task names checked")
+        started_ray = connect_ray(spec.options.ray_address)
+        _startup("Ray started")
         launch_early(spec)  # the slot actors start while the server boots
         _startup("slots launched")
         # Imported only now: Prefect reads PREFECT_API_URL when it is first imported.

@@ -35,7 +35,7 @@ pytestmark = pytest.mark.integration
 SEARCH = (*REFERENCE_SEARCH, "--no-baselines")
 
 # Hits are counted per process; every kill lands after a checkpoint, so resume has one to start
-# from. Before them Ctrl-C, with each evaluation slowed to 5 s so that candidates are in flight
+# from. Before them Ctrl-C, with each evaluation slowed to 3 s so that candidates are in flight
 # when it comes; after them a kill of a run with a private Prefect server right after its first
 # record; then the run that ends the search.
 KILL_CHAIN = [
@@ -110,7 +110,7 @@ def test_six_interruptions_of_one_search_lose_nothing_and_end_where_the_uninterr
     command = evomerge_command(reference_search.search_config, storage, *SEARCH, "--ray-address", ray_cluster.address)
     base_env = shared_env(prefect_api)
     private_env = {k: v for k, v in base_env.items() if k != "PREFECT_API_URL"}
-    links = [("ctrl-c", dict(base_env, EVOMERGE_FAILPOINTS="slot-evaluate=sleep:5"))]
+    links = [("ctrl-c", dict(base_env, EVOMERGE_FAILPOINTS="slot-evaluate=sleep:3"))]
     links += [(point, dict(base_env, EVOMERGE_FAILPOINTS=armed)) for point, armed in KILL_CHAIN]
     links += [("private-server", dict(private_env, EVOMERGE_FAILPOINTS="after-record@1=kill")), (None, base_env)]
     kept: dict[str, bytes] = {}  # every record that existed at some interruption, as it was then
