@@ -221,6 +221,12 @@ def run_on_slot(
 
     deaths: list[str] = []
     attempts = policy.retries + 1
+
+    def failed(attempt: int, error: str) -> EvaluationOutcome:
+        return EvaluationOutcome(
+            status="failed", attempts=attempt, worker_deaths=deaths, slot=slot.name, node=slot.node, error=error
+        )
+
     for attempt in range(1, attempts + 1):
         actor = _slot_actor(slot)
         call = None
@@ -230,13 +236,9 @@ def run_on_slot(
             return outcome.model_copy(update={"attempts": attempt, "worker_deaths": deaths})
         except GetTimeoutError:
             ray.kill(actor, no_restart=False)
-            return EvaluationOutcome(
-                status="failed",
-                attempts=attempt,
-                worker_deaths=deaths,
-                slot=slot.name,
-                node=slot.node,
-                error=f"timed out after {policy.timeout:g} s (--candidate-timeout) on {slot.name}; "
+            return failed(
+                attempt,
+                f"timed out after {policy.timeout:g} s (--candidate-timeout) on {slot.name}; "
                 "its worker was killed and restarted",
             )
         except RayActorError as exc:  # its worker died under the candidate
@@ -253,21 +255,10 @@ def run_on_slot(
                 deaths[-1],
             )
         except Exception as exc:  # SlotWorker.run catches a candidate's errors; this is Ray's or ours
-            return EvaluationOutcome(
-                status="failed",
-                attempts=attempt,
-                worker_deaths=deaths,
-                slot=slot.name,
-                node=slot.node,
-                error=error_summary(exc),
-            )
-    return EvaluationOutcome(
-        status="failed",
-        attempts=attempts,
-        worker_deaths=deaths,
-        slot=slot.name,
-        node=slot.node,
-        error=f"the worker of {slot.name} died {len(deaths)} times under this candidate "
+            return failed(attempt, error_summary(exc))
+    return failed(
+        attempts,
+        f"the worker of {slot.name} died {len(deaths)} times under this candidate "
         f"(--worker-retries {policy.retries}); last: {deaths[-1]}",
     )
 

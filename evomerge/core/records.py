@@ -168,27 +168,17 @@ class CandidateRecord(BaseModel):
             except NonFiniteMetricError as exc:
                 status, error = "failed", str(exc)
         return cls(
-            key=request.key,
-            generation=request.generation,
-            index=request.index,
-            vector=request.vector,
+            **request.model_dump(include=_FROM_REQUEST),
+            **outcome.model_dump(include=_FROM_OUTCOME),
             parameters=parameters,
-            merge_config=request.merge_config,
             status=status,
-            metrics=outcome.metrics,
             score=score,
             error=error,
             timings=outcome.timings.model_copy(update={"round_trip": round_trip}),
-            node=outcome.node,
-            slot=outcome.slot,
-            merge_node_id=outcome.merge_node_id,
-            eval_node_id=outcome.eval_node_id,
-            attempts=outcome.attempts,
-            worker_deaths=outcome.worker_deaths,
             finished_at=finished_at,
-            kind=request.kind,
-            label=request.label,
-            held_out=request.held_out,
-            search_key=request.search_key,
-            item_scores=outcome.item_scores,
         )
+
+
+# What a record keeps of its request and of its outcome as they are.
+_FROM_REQUEST = {"key", "generation", "index", "vector", "merge_config", "kind", "label", "held_out", "search_key"}
+_FROM_OUTCOME = {"metrics", "node", "slot", "merge_node_id", "eval_node_id", "attempts", "worker_deaths", "item_scores"}
