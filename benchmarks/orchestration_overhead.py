@@ -13,6 +13,11 @@ slot and one torch thread, so they do the same sequential work:
 2. pipeline: ``python -m evomerge.cli ... --cpu-slots 1``, with its private Prefect server
    (PREFECT_API_URL unset) and a private Ray, i.e. what a user runs.
 
+With ``--compare-checkout DIR`` (a checkout of another version with its own ``.venv``, e.g. the
+previous release: ``git worktree add /tmp/old v0.1; (cd /tmp/old && ./dev setup)``, and the tiny
+models copied or built there), it instead runs the pipeline side of that checkout and of this one,
+alternately, ``--rounds`` times each, and prints the medians side by side.
+
 Times come from the parent (process start and exit) and from the records (finished_at, timings),
 so both sides are measured the same way. The final-model merge is off on both sides: it is the
 same library call either way and is not orchestration; so are the baselines (the same evaluations
@@ -105,6 +110,8 @@ def measure(storage: Path, start: float, end: float) -> dict:
     first_submitted = done[0] - trip[0]  # finished_at is stamped right after the round trip ends
     return {
         "scores": {r["key"]: r["score"] for r in records},
+        # by position: keys hold the models' absolute paths, which differ between checkouts
+        "scores_in_order": [r["score"] for r in sorted(records, key=lambda r: (r["generation"], r["index"]))],
         "failed": sum(r["status"] != "ok" for r in records),
         "wall": end - start,
         "startup": first_submitted - start,  # process start -> first candidate submitted
@@ -147,6 +154,51 @@ def milestones_from_log(log_path: Path, start: float) -> list[tuple[str, float |
     return [(label, seen.get(label)) for label, _ in MILESTONES]
 
 
+def pipeline_command(python: str, storage: Path, cpu_slots: int, search: list[str]) -> list[str]:
+    return [
+        python, "-m", "evomerge.cli", CONFIG, "--storage-path", str(storage), "--task-search-path", TASKS,
+        "--cpu-slots", str(cpu_slots), "--no-save-final-model", "--no-baselines", *search,
+    ]  # fmt: skip
+
+
+def compare_checkouts(other: Path, tmp: Path, search: list[str], args: argparse.Namespace) -> None:
+    """The pipeline side of another checkout against this one, alternately (the machine's load
+    drifts; alternating spreads it over both), and the medians."""
+    sides = {"other": other, "this": ROOT}
+    runs: dict[str, list[dict]] = {name: [] for name in sides}
+    for round_ in range(args.rounds):
+        for name, root in sides.items():
+            storage = tmp / f"{name}-{round_}"
+            cmd = pipeline_command(str(root / ".venv/bin/python"), storage, args.cpu_slots, search)
+            with open(tmp / f"{name}-{round_}.log", "w") as log:
+                start = time.time()
+                rc = subprocess.run(cmd, cwd=root, env=child_env(), stdout=log, stderr=subprocess.STDOUT).returncode
+                end = time.time()
+            if rc != 0:
+                sys.exit(f"{shlex.join(cmd)} exited with {rc}; its output is in {tmp / f'{name}-{round_}.log'}")
+            runs[name].append(measure(storage, start, end))
+            print(f"[{name} round {round_}] start-up {runs[name][-1]['startup']:.1f} s", flush=True)
+    same = all(r["scores_in_order"] == runs["this"][0]["scores_in_order"] for rs in runs.values() for r in rs)
+    print(f"\nsame scores, candidate by candidate, in every run: {'yes' if same else 'no'}")
+    print(
+        f"\n| {args.max_fevals} evaluations, {args.cpu_slots} slot(s), medians of {args.rounds} | {other} | this "
+        "checkout | other / this |"
+    )
+    print("|---|---:|---:|---:|")
+    for label, key in [
+        ("start-up to the first candidate submitted", "startup"),
+        ("per candidate, slot time", "slot"),
+        ("per candidate, orchestration", "orch"),
+        ("per candidate, between results", "gap"),
+        ("wall time", "wall"),
+    ]:
+        a, b = (float(np.median([r[key] for r in runs[n]])) for n in ("other", "this"))
+        print(f"| {label} | {a:.2f} s | {b:.2f} s | {a / b:.2f} |")
+    print(f"command: cd {ROOT} && HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 {shlex.join([sys.executable, *sys.argv])}")
+    if not args.keep:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-fevals", type=int, default=20)
@@ -155,6 +207,13 @@ def main() -> None:
     parser.add_argument(
         "--cpu-slots", type=int, default=1, help="slots of the pipeline (the bare loop has one, in-process)"
     )
+    parser.add_argument(
+        "--compare-checkout",
+        metavar="DIR",
+        help="instead: the pipeline of another checkout (with its own .venv, e.g. the previous release) "
+        "against this one's, alternately, --rounds times each; prints medians and ratios",
+    )
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (records, logs)")
     parser.add_argument("--bare", metavar="STORAGE", help=argparse.SUPPRESS)  # the child of side 1
     args = parser.parse_args()
@@ -165,22 +224,10 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="orch-overhead-"))
     search = ["--max-fevals", str(args.max_fevals), "--popsize", str(args.popsize), "--seed", str(args.seed)]
+    if args.compare_checkout:
+        return compare_checkouts(Path(args.compare_checkout).resolve(), tmp, search, args)
     bare_cmd = [sys.executable, str(Path(__file__).resolve()), "--bare", str(tmp / "bare"), *search]
-    cli_cmd = [
-        sys.executable,
-        "-m",
-        "evomerge.cli",
-        CONFIG,
-        "--storage-path",
-        str(tmp / "pipeline"),
-        "--task-search-path",
-        TASKS,
-        "--cpu-slots",
-        str(args.cpu_slots),
-        "--no-save-final-model",
-        "--no-baselines",
-        *search,
-    ]
+    cli_cmd = pipeline_command(sys.executable, tmp / "pipeline", args.cpu_slots, search)
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs)")
     results = {}
     for name, cmd in (("bare", bare_cmd), ("pipeline", cli_cmd)):
