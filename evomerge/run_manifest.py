@@ -22,6 +22,14 @@ def check_storage_path(spec: RunSpec, store: RunStore | None = None) -> bool:
         return False
     fingerprint = spec.fingerprint()
     if manifest.get("fingerprint") != fingerprint:
+        begun_with = (manifest.get("options") or {}).get("searcher", "cma-es")  # 0.1 had no choice
+        if begun_with != spec.options.searcher:
+            raise StorageMismatchError(
+                f"storage path {spec.storage_path} holds a search begun with --searcher {begun_with}"
+                + (" (the default before evomerge 0.3)" if begun_with == "cma-es" else "")
+                + f", and this run asks for --searcher {spec.options.searcher}: add --searcher "
+                f"{begun_with} to continue it, or use a new --storage-path"
+            )
         raise StorageMismatchError(
             f"storage path {spec.storage_path} holds another search (fingerprint "
             f"{manifest.get('fingerprint')}, this one {fingerprint}): the config, seed, "

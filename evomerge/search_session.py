@@ -50,15 +50,12 @@ def make_searcher(spec: RunSpec) -> Searcher:
     space = spec.search_space()
     options = spec.options
     if options.searcher == "random":
-        # Each parameter's natural domain; an unbounded weight within 1 of zero (the range a user
-        # would try by hand: [0, 1], or [-1, 1] with negative weights allowed).
-        domains = space.domains()
-        lower = [-1.0 if lo is None else lo for lo, _ in domains]
-        upper = [1.0 if hi is None else hi for _, hi in domains]
-        return RandomSearcher(lower, upper, options.seed, spec.popsize())
+        return RandomSearcher(*space.box(), options.seed, spec.popsize())
     rng = np.random.default_rng(options.seed)
     x0 = space.initial_point(rng if spec.config.random_init else None)
-    return CmaEsSearcher(x0, options.sigma0, options.seed, options.popsize)
+    assert options.sigma0 is not None  # RunOptions fills in the searcher's default
+    box = space.box() if options.searcher == "cma-es-box" else None
+    return CmaEsSearcher(x0, options.sigma0, options.seed, options.popsize, box=box)
 
 
 class SearchSession:

@@ -21,7 +21,8 @@ def test_flow_parameters_match_run_options():
     defaults = RunOptions().model_dump()
     assert set(flow_options) == set(defaults)
     for name, default in defaults.items():
-        expected = None if name == "task_search_path" else default
+        # unset: a list option, and sigma0 (which the searcher's default fills in)
+        expected = None if name in ("task_search_path", "sigma0") else default
         assert flow_options[name] == expected, name
     # what `prefect deploy` publishes as the deployment's parameters
     schema = parameter_schema(evolve)
@@ -37,6 +38,9 @@ def test_cli_options_match_run_options():
     for name, default in defaults.items():
         if name == "task_search_path":
             continue  # a repeatable option: click's default is "none given"
+        if name == "sigma0":
+            assert cli_params[name] is None  # unset: the searcher's default fills it in
+            continue
         assert cli_params[name] == default, name
 
 
@@ -145,3 +149,13 @@ def test_cli_reports_bad_options_before_any_work(tmp_path):
     assert result.exit_code == 2
     assert "--load-in-4bit is not available yet" in result.output
     assert not (tmp_path / "s").exists()
+
+
+def test_sigma0_defaults_to_the_searchers_own_and_an_explicit_one_is_kept():
+    assert RunOptions().searcher == "cma-es-box"
+    assert RunOptions().sigma0 == 0.5
+    assert RunOptions(searcher="cma-es").sigma0 == 1 / 6  # upstream's, and 0.2's default
+    assert RunOptions(sigma0=0.05).sigma0 == 0.05
+    assert RunOptions(searcher="cma-es", sigma0=0.25).sigma0 == 0.25
+    with pytest.raises(ValueError, match="positive step size"):
+        RunOptions(sigma0=0.0)

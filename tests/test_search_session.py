@@ -134,6 +134,41 @@ def test_another_search_on_the_same_path_is_refused(tmp_path):
     SearchSession(make_spec(tmp_path, max_fevals=40, seed=1))  # a larger budget continues it
 
 
+def test_a_search_begun_with_the_old_default_searcher_keeps_its_fingerprint_and_is_continued_only_by_it(tmp_path):
+    """0.2's default searcher was cma-es (sigma0 1/6), and its fingerprint had neither field
+    set apart: a storage path it wrote keeps its fingerprint, and the new default (cma-es-box)
+    refuses to continue it with a message that says how to."""
+    from evomerge.core.records import canonical_json
+    from evomerge.core.run_spec import _NOT_IN_FINGERPRINT
+
+    old = make_spec(tmp_path, max_fevals=8, seed=1, searcher="cma-es")
+    assert old.options.sigma0 == 1 / 6
+    # the fingerprint as 0.2 computed it: every search-shaping option but searcher
+    shaping = old.options.model_dump(mode="json", exclude=_NOT_IN_FINGERPRINT | {"searcher"})
+    payload = {
+        "config": old.config.model_dump(mode="json", exclude={"held_out_tasks"}),
+        "options": shaping,
+        "models": old.models.model_dump(mode="json"),
+    }
+    import hashlib
+
+    assert old.fingerprint() == hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:16]
+    run(SearchSession(old))
+    with pytest.raises(StorageMismatchError, match="begun with --searcher cma-es .*add --searcher cma-es"):
+        SearchSession(make_spec(tmp_path, max_fevals=8, seed=1))
+    assert make_spec(tmp_path, seed=1).fingerprint() != old.fingerprint()
+    SearchSession(make_spec(tmp_path, max_fevals=16, seed=1, searcher="cma-es"))  # continues it
+
+
+def test_the_default_searcher_asks_inside_the_search_box(tmp_path):
+    session = SearchSession(make_spec(tmp_path, max_fevals=24, seed=3))
+    assert session.searcher.name == "cma-es-box"
+    run(session)
+    vectors = np.array([r.vector for r in session.records.values()])
+    lower, upper = session.space.box()
+    assert (vectors >= np.array(lower)).all() and (vectors <= np.array(upper)).all()
+
+
 def test_the_same_search_on_s3_matches_the_local_one_and_resumes(tmp_path, s3_endpoint):
     import uuid
 

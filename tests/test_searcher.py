@@ -86,7 +86,15 @@ def test_tell_refuses_what_was_not_asked_twice_told_or_not_finite():
         searcher.tell(0, 1.0)
 
 
-@pytest.mark.parametrize("make", [cma, lambda: RandomSearcher(np.zeros(3), np.ones(3), seed=5, popsize=4)])
+def cma_box(seed=3, dim=4, popsize=6, sigma0=0.3):
+    return CmaEsSearcher(np.full(dim, 0.5), sigma0, seed=seed, popsize=popsize, box=(np.zeros(dim), np.ones(dim)))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [cma, cma_box, lambda: RandomSearcher(np.zeros(3), np.ones(3), seed=5, popsize=4)],
+    ids=["cma", "cma-box", "random"],
+)
 def test_replaying_the_steps_rebuilds_the_same_searcher_bit_for_bit(make):
     original = make()
     _, steps = drive(original, 4, fail=lambda s: s.index == 1)
@@ -118,3 +126,34 @@ def test_random_search_draws_uniformly_in_its_box_and_learns_nothing():
 
 def test_default_population_size_is_pycmas():
     assert CmaEsSearcher(np.zeros(12), 0.2, seed=0).popsize == 4 + int(3 * np.log(12))
+
+
+def corner(vector) -> float:
+    """Best at (1, 0, 1, 0), a corner of the box, and flat nowhere: like a merge whose best
+    recipe takes each layer group from one model."""
+    v = np.asarray(vector)
+    return -float(np.abs(v - np.array([1.0, 0.0, 1.0, 0.0])).sum())
+
+
+def test_the_box_searcher_asks_only_inside_its_box_and_reaches_the_corner_exactly():
+    boxed = cma_box(seed=1)
+    asked, _ = drive(boxed, 12, score=corner)
+    assert boxed.name == "cma-es-box"
+    assert asked.min() >= 0.0 and asked.max() <= 1.0
+    last = asked[-1]
+    # past the edge, pycma's mean keeps sampling on it: the corner itself is asked, exactly
+    assert any(np.array_equal(v, [1.0, 0.0, 1.0, 0.0]) for v in last)
+    # the unboxed searcher (0.2's) never asks the corner exactly: it is a single point to it
+    plain, _ = drive(CmaEsSearcher(np.full(4, 0.5), 0.3, seed=1, popsize=6), 12, score=corner)
+    assert not any(np.array_equal(v, [1.0, 0.0, 1.0, 0.0]) for v in plain.reshape(-1, 4))
+    assert plain.min() < 0.0 or plain.max() > 1.0
+
+
+def test_the_box_searcher_tells_pycma_its_own_samples():
+    """pycma is told the unclipped sample (the fitness extended flat past the edge), so its
+    state stays its own; the suggestion is the clipped one."""
+    boxed = cma_box(seed=2, sigma0=2.0)  # wide: most samples fall outside
+    suggestions = boxed.ask()
+    pycma_asked = boxed._asked_padded.copy()
+    assert not np.array_equal(pycma_asked, np.array([s.vector for s in suggestions]))
+    assert np.array_equal(np.clip(pycma_asked, 0, 1), np.array([s.vector for s in suggestions]))

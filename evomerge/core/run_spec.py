@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -37,9 +38,11 @@ _NOT_IN_FINGERPRINT = {
     "baselines",
     "held_out_top",
 }
-# Options added after evomerge 0.1 that shape the search: in the fingerprint only when set away
-# from their default, so that a storage path written before they existed keeps its fingerprint.
-_IN_FINGERPRINT_WHEN_SET = {"searcher"}
+# Options added after evomerge 0.1 that shape the search, with the value that is 0.1's behaviour:
+# in the fingerprint only when they differ from it, so that a storage path written before they
+# existed keeps its fingerprint (and a search begun by 0.2 or older is never continued by
+# another searcher).
+_IN_FINGERPRINT_UNLESS: dict[str, Any] = {"searcher": "cma-es"}
 
 
 class ModelFacts(BaseModel):
@@ -93,8 +96,14 @@ class RunSpec(BaseModel):
 
     def fingerprint(self) -> str:
         """Identifies the search: same fingerprint, same trajectory for the same scores."""
-        shaping = self.options.model_dump(mode="json", exclude=_NOT_IN_FINGERPRINT | _IN_FINGERPRINT_WHEN_SET)
-        shaping.update(self.options.model_dump(mode="json", include=_IN_FINGERPRINT_WHEN_SET, exclude_defaults=True))
+        shaping = self.options.model_dump(mode="json", exclude=_NOT_IN_FINGERPRINT | set(_IN_FINGERPRINT_UNLESS))
+        shaping.update(
+            {
+                name: getattr(self.options, name)
+                for name, legacy in _IN_FINGERPRINT_UNLESS.items()
+                if getattr(self.options, name) != legacy
+            }
+        )
         payload = canonical_json(
             # Held-out tasks never reach CMA-ES: adding some continues the same search.
             {

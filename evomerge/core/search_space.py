@@ -173,6 +173,20 @@ class SearchSpace:
         negative = self.genome.allow_negative_weights
         return [p.domain(negative) for p in self._parameters]
 
+    def box(self) -> tuple[list[float], list[float]]:
+        """The search box, ``(lower, upper)``: each coordinate's domain, an unbounded weight taken
+        within 1 of zero ([0, 1], or [-1, 1] with negative weights allowed: the range a user
+        would try by hand). cma-es-box clips its suggestions into it; random search draws in it.
+
+        >>> from evomerge.core.config import GenomeDefinition
+        >>> genome = GenomeDefinition(models=["/m/a", "/m/b"], base_model="/m/base",
+        ...                           merge_method="ties", layer_granularity=0)
+        >>> SearchSpace(genome, num_layers=2).box()
+        ([0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0])
+        """
+        domains = self.domains()
+        return [-1.0 if lo is None else lo for lo, _ in domains], [1.0 if hi is None else hi for _, hi in domains]
+
     # --- vector -> configuration -----------------------------------------------------------
     def decode(self, x: VectorLike) -> dict[str, Any]:
         """A mergekit merge configuration as a plain dict (``mergekit-yaml`` accepts its YAML)."""

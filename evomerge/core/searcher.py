@@ -179,7 +179,8 @@ class _Generational:
 
 
 class CmaEsSearcher(_Generational):
-    """CMA-ES (pycma's ``CMAEvolutionStrategy``), maximising the score.
+    """CMA-ES (pycma's ``CMAEvolutionStrategy``), maximising the score; with ``box``, its
+    suggestions are clipped into the box (``cma-es-box``, the default searcher).
 
     Seeding: pycma draws its samples through the ``randn`` option, which is bound to a private
     ``numpy.random.Generator``; ``seed=nan`` stops pycma from reseeding numpy's global generator.
@@ -188,10 +189,25 @@ class CmaEsSearcher(_Generational):
     evaluation).
     """
 
-    name = "cma-es"
-
-    def __init__(self, x0: Sequence[float] | NDArray[np.float64], sigma0: float, seed: int, popsize: int | None = None):
+    def __init__(
+        self,
+        x0: Sequence[float] | NDArray[np.float64],
+        sigma0: float,
+        seed: int,
+        popsize: int | None = None,
+        box: tuple[Sequence[float], Sequence[float]] | None = None,
+    ):
         super().__init__()
+        # With a box (``cma-es-box``), each suggestion is pycma's sample clipped into it, and
+        # pycma is told the unclipped sample with the clipped one's score: the fitness extended
+        # flat beyond the box. A parameter whose best value is on the edge (a weight of 0, a
+        # density or t of 1: every layer taken from one model) is then reached with positive
+        # probability, and once the mean has moved past the edge every sample there is exactly
+        # on it (a repeat costs nothing: the batch plan reuses its record). Without a box
+        # (``cma-es``, 0.2's and upstream's), an edge value is a single point that decoding by
+        # abs or clip reaches by chance only.
+        self.name = "cma-es" if box is None else "cma-es-box"
+        self._box = None if box is None else (np.asarray(box[0], dtype=float), np.asarray(box[1], dtype=float))
         start = np.asarray(x0, dtype=float)
         self.dimension = start.size
         self._rng = np.random.default_rng(seed)
@@ -228,7 +244,8 @@ class CmaEsSearcher(_Generational):
 
     def _draw(self) -> NDArray[np.float64]:
         self._asked_padded = np.array(self._es.ask(), dtype=float)
-        return self._asked_padded[:, : self.dimension].copy()
+        asked = self._asked_padded[:, : self.dimension].copy()
+        return asked if self._box is None else np.clip(asked, *self._box)
 
     def _learn(self, vectors: NDArray[np.float64], scores: NDArray[np.float64]) -> None:
         assert self._asked_padded is not None

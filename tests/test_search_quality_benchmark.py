@@ -1,0 +1,107 @@
+"""The search-quality benchmark's parts (benchmarks/search_quality.py): the planted problems are
+what they claim (each recipe gives the hidden model back; the uniform merge does not), and the
+reading of upstream's pycma log and of a search's best within a budget is right. The benchmark
+itself (minutes per system) is run by hand; its table is in the README."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS / "planted"))
+sys.path.insert(0, str(BENCHMARKS))
+
+import problems as planted  # noqa: E402
+import search_quality  # noqa: E402
+import upstream  # noqa: E402
+
+from evomerge.backends.merger_memory import InMemoryMerger  # noqa: E402
+from evomerge.core.config import GenomeDefinition  # noqa: E402
+from evomerge.core.search_space import SearchSpace  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("planted")
+    return root, planted.build(root)
+
+
+def _merge(problem_name: str, root: Path, vector_of) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    problem = planted.BY_NAME[problem_name]
+    import yaml
+
+    genome = GenomeDefinition.model_validate(
+        yaml.safe_load((root / "configs" / f"{problem_name}.yml").read_text())["genome"]
+    )
+    space = SearchSpace(genome, problem.num_layers)
+    config = space.decode(vector_of(space, problem))
+    resident = AutoModelForCausalLM.from_pretrained(str(root / "models" / f"original_{problem.num_layers}")).eval()
+    InMemoryMerger.from_config(config).merge_into(config, resident)
+    return resident
+
+
+def _optimum(space, problem):
+    values = planted.optimum_values(problem)
+    names = {m: Path(m).name.split("_")[1] for m in space.weighted_models}
+    return [values[(c.group, names.get(c.model) if c.model else None, c.parameter)] for c in space.coordinates]
+
+
+@pytest.mark.parametrize("name", ["linear-2", "linear-3", "task_arithmetic-3", "ties-2", "slerp-2", "linear-3-layers"])
+def test_each_recipe_restores_the_hidden_model_and_the_uniform_merge_does_not(built, name):
+    root, _ = built
+    problem = planted.BY_NAME[name]
+    items = [json.loads(line) for line in (root / "tasks" / f"{problem.task}.jsonl").read_text().splitlines()]
+    assert len(items) == planted.ITEMS
+    restored = _merge(name, root, _optimum)
+    assert planted.agreement(restored, None, items) >= 0.99  # bfloat16 task vectors may flip one
+    uniform = _merge(name, root, lambda space, problem: space.initial_point())
+    assert planted.agreement(uniform, None, items) < 0.7
+
+
+def test_configs_are_mergekit_evolve_configs_both_tools_read(built):
+    import yaml
+
+    from evomerge.core.config import EvolveConfig
+
+    _, configs = built
+    assert set(configs) == {p.name for p in planted.PROBLEMS}
+    for path in configs.values():
+        raw = yaml.safe_load(path.read_text())
+        assert raw["apply_chat_template"] is False  # upstream's default would need a chat template
+        EvolveConfig.model_validate(raw)
+    dimensions = {
+        p.name: SearchSpace(
+            EvolveConfig.model_validate(yaml.safe_load(configs[p.name].read_text())).genome, p.num_layers
+        ).dimension
+        for p in planted.PROBLEMS
+    }
+    assert all(2 <= d <= 8 for n, d in dimensions.items() if not planted.BY_NAME[n].high_dimensional)
+    assert dimensions["linear-3-layers"] >= 24
+
+
+def test_upstreams_best_at_a_budget_is_read_from_its_fit_dat(tmp_path):
+    fit = tmp_path / "fit.dat"
+    # pycma's format: a header of % lines, then iteration, evaluations, sigma, axis ratio,
+    # best-ever f, best f of the iteration, median, worst (f = -score)
+    fit.write_text(
+        '% # columns="iteration, evaluation, sigma, axis ratio, bestever, best, median, worst"\n'
+        "1 8 0.17 1.0 -0.40 -0.40 -0.35 -0.30\n"
+        "2 16 0.18 1.1 -0.55 -0.55 -0.36 -0.30\n"
+        "3 24 0.20 1.2 -0.55 -0.50 -0.37 -0.31\n"
+    )
+    assert upstream.best_at(fit, [8, 20, 24]) == {8: 0.40, 20: 0.55, 24: 0.55}
+    assert upstream.sigmas(fit) == [0.17, 0.18, 0.20]
+
+
+def test_the_best_within_a_budget_counts_the_first_evaluations_only():
+    scores = [0.3, None, 0.5, 0.9, 0.4]
+    assert search_quality.best_within(scores, 2) == 0.3
+    assert search_quality.best_within(scores, 3) == 0.5
+    assert search_quality.best_within(scores, 10) == 0.9
+    assert np.isnan(search_quality.best_within([None], 1))
