@@ -35,7 +35,10 @@ def test_a_checkpoint_per_told_generation_with_a_format_version(straight):
     assert cp["format_version"] == CHECKPOINT_FORMAT_VERSION
     assert cp["sigma_after"] == session.searcher.sigma
     assert cp["mean_after"] == session.searcher.mean.tolist()
-    assert cp["evaluations"] == 16
+    # records in the store when it was written: distinct merges (a repeated suggestion, such as
+    # the same corner of the box asked twice, reuses its record)
+    assert cp["evaluations"] == sum(r.generation <= 3 for r in session.records.values())
+    assert 12 < cp["evaluations"] <= 16
 
 
 def test_resume_rebuilds_the_optimizer_from_checkpoints_without_records(straight, tmp_path):
