@@ -124,11 +124,8 @@ def reference_scores(job: tuple[str, str]) -> dict:
     problem = planted.BY_NAME[problem_name]
     worker = _worker(Path(root) / "configs" / f"{problem_name}.yml", Path(root))
     space = worker.spec.search_space()  # type: ignore[attr-defined]
-    optimum = planted.optimum_values(problem)
-    names = {m: Path(m).name.split("_")[1] for m in space.weighted_models}
-    vector = [optimum[(c.group, names.get(c.model) if c.model else None, c.parameter)] for c in space.coordinates]
     scores = {}
-    for label, x in (("uniform", space.initial_point()), ("optimum", vector)):
+    for label, x in (("uniform", space.initial_point()), ("optimum", planted.optimum_vector(problem, space))):
         merge = space.decode(x)
         key = candidate_key(merge, worker.spec.evaluation)  # type: ignore[attr-defined]
         request = CandidateRequest(

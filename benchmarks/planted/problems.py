@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import random
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -59,7 +59,6 @@ class Problem:
     base: str | None = None
     normalize: bool | None = None
     high_dimensional: bool = False
-    extra: dict = field(default_factory=dict)
 
     @property
     def task(self) -> str:
@@ -240,8 +239,8 @@ def _task_yaml(task: str, data_file: Path) -> dict:
     }
 
 
-def agreement(model, other, items: list[dict]) -> float:
-    """Share of items where ``model`` picks ``other``'s gold (a quick check, not the score)."""
+def agreement(model, items: list[dict]) -> float:
+    """Share of items where ``model`` picks the gold choice (a quick check, not the score)."""
     scores = _choice_logprobs(model, [i["context"] for i in items], [i["choices"] for i in items])
     return float((scores.argmax(1) == torch.tensor([i["label"] for i in items])).float().mean())
 
@@ -290,6 +289,14 @@ def build(root: Path) -> dict[str, Path]:
 
 def _model_name(problem: Problem, source: Source) -> str:
     return f"l{problem.num_layers}_{source.name}_broken_" + "".join(str(layer) for layer in source.broken_layers)
+
+
+def optimum_vector(problem: Problem, space) -> list[float]:
+    """The restoring recipe as a vector of evomerge's ``SearchSpace`` for this problem's config
+    (a source's model folder is named ``l<layers>_<source>_broken_...``)."""
+    values = optimum_values(problem)
+    source = {m: Path(m).name.split("_")[1] for m in space.weighted_models}
+    return [values[(c.group, source.get(c.model) if c.model else None, c.parameter)] for c in space.coordinates]
 
 
 def optimum_values(problem: Problem) -> dict[tuple[int, str | None, str], float]:

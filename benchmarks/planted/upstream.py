@@ -25,7 +25,7 @@ DEFAULT_VENV = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / 
 # torch first and pinned (CPU wheel), then the rest in one resolver run.
 REQUIREMENTS = (
     ("torch==2.13.0",),
-    ("mergekit[evolve]==0.1.4", "transformers>=4.57,<4.58", "lm-eval==0.4.9.1", "ray", "cma"),
+    ("mergekit[evolve]==0.1.4", "transformers>=4.57,<4.58", "lm-eval==0.4.9.1"),  # [evolve] brings ray and cma
 )
 _MAIN = Path(__file__).with_name("upstream_main.py")
 
