@@ -208,10 +208,15 @@ def run_on_slot(
     Never raises for the candidate's sake: a worker that dies under it is replaced by Ray and
     the candidate retried up to ``policy.retries`` times; a candidate still running after
     ``policy.timeout`` seconds is failed and the worker restarted (the hung process is killed,
-    the slot comes back). The timeout starts when the worker is ready, so a restart after
-    another candidate's death or timeout is not charged to this one: a ``describe`` call is
-    queued right before the candidate (an actor runs one caller's calls in order) and its answer
-    starts the clock, without a round trip of its own.
+    and the slot is handed back only once its new worker answers, so the next candidate does
+    not find it restarting). The timeout starts when the worker is ready: a ``describe`` call
+    is queued right before the candidate (an actor runs one caller's calls in order) and its
+    answer starts the clock, without a round trip of its own.
+
+    A worker that dies while this candidate's calls are in flight counts as a death under this
+    candidate, even when it is the ``describe`` that sees it: a candidate that kills its worker
+    at once can take the ``describe``'s answer down with it, and calling that "not ready yet"
+    would retry such a candidate without end.
     """
     import ray
     from ray.exceptions import GetTimeoutError, RayActorError
@@ -231,16 +236,19 @@ def run_on_slot(
         actor = _slot_actor(slot)
         call = None
         try:
+            if deaths:  # the worker that died under the last attempt is being restarted
+                _wait_until_ready(actor, policy.worker_start_timeout)
             call = _submit_when_ready(actor, submit, policy.worker_start_timeout)
             outcome = ray.get(call, timeout=policy.timeout)
             return outcome.model_copy(update={"attempts": attempt, "worker_deaths": deaths})
         except GetTimeoutError:
             ray.kill(actor, no_restart=False)
-            return failed(
-                attempt,
-                f"timed out after {policy.timeout:g} s (--candidate-timeout) on {slot.name}; "
-                "its worker was killed and restarted",
-            )
+            error = f"timed out after {policy.timeout:g} s (--candidate-timeout) on {slot.name}; "
+            try:
+                _wait_until_ready(actor, policy.worker_start_timeout)
+                return failed(attempt, error + "its worker was killed and restarted")
+            except Exception as exc:
+                return failed(attempt, error + f"its worker was killed and did not come back: {error_summary(exc)}")
         except RayActorError as exc:  # its worker died under the candidate
             if call is not None:  # never run one candidate twice on a slot
                 _cancel_quietly(call)
@@ -279,21 +287,23 @@ def _slot_actor(slot: SlotRef):
 
 def _submit_when_ready(actor, submit, timeout: float):
     """``submit(actor)`` once the actor answers. A ``describe`` call goes right before the
-    candidate's (an actor runs one caller's calls in order), so normally no round trip is spent;
-    an actor that is restarting (after another candidate's death or timeout) is waited for, and
-    its unavailability never counts as a death of this candidate's worker."""
+    candidate's (an actor runs one caller's calls in order), so no round trip is spent waiting
+    for it. A worker that dies meanwhile raises Ray's ``RayActorError`` (``ActorDiedError`` or
+    ``ActorUnavailableError``): the caller counts it as a death under this candidate."""
     import ray
-    from ray.exceptions import ActorUnavailableError
 
     ready = actor.describe.remote()
     call = submit(actor)
+    from ray.exceptions import GetTimeoutError
+
     try:
         ray.get(ready, timeout=timeout)
-        return call
-    except ActorUnavailableError:
+    except BaseException as exc:
         _cancel_quietly(call)
-        _wait_until_ready(actor, timeout)
-        return submit(actor)
+        if isinstance(exc, GetTimeoutError):
+            raise SlotNotReady(timeout) from None
+        raise
+    return call
 
 
 def _cancel_quietly(call) -> None:
@@ -305,17 +315,25 @@ def _cancel_quietly(call) -> None:
         pass
 
 
+class SlotNotReady(RuntimeError):
+    """A slot's worker did not answer within ``--slot-start-timeout`` (a candidate never ran)."""
+
+    def __init__(self, timeout: float):
+        super().__init__(f"the slot's worker did not answer within {timeout:g} s (--slot-start-timeout)")
+
+
 def _wait_until_ready(actor, timeout: float) -> None:
-    """Return once the actor answers; Ray reports a restarting actor as unavailable meanwhile."""
+    """Return once the actor answers. Calls sent to a worker that is being restarted fail
+    (``ActorUnavailableError``, or ``ActorDiedError`` for one in flight when it died): ask again."""
     import ray
-    from ray.exceptions import ActorUnavailableError, GetTimeoutError
+    from ray.exceptions import GetTimeoutError, RayActorError
 
     deadline = time.monotonic() + timeout
     while True:
         try:
             ray.get(actor.describe.remote(), timeout=max(1.0, deadline - time.monotonic()))
             return
-        except ActorUnavailableError:
+        except (RayActorError, GetTimeoutError):
             if time.monotonic() > deadline:
-                raise GetTimeoutError(f"the slot's worker did not come back within {timeout:g} s") from None
+                raise SlotNotReady(timeout) from None
             time.sleep(0.5)
