@@ -14,6 +14,12 @@ Every system gets the same ``mergekit-evolve`` config, unchanged:
 - ``evomerge-cma-es``: the same with ``--searcher cma-es``, 0.2's default (unbounded CMA-ES,
   sigma0 1/6, as upstream);
 - ``random``: the same loop with ``--searcher random``;
+- ``evomerge-barrier-free-4`` and ``-8``: the default searcher without the generation barrier,
+  told results in the order 4 (8) slots would return them (durations lognormal, sigma 0.25, on a
+  simulated clock; seeded), an idle slot taking a vector drawn ahead. Driven at the searcher
+  level (``SuggestionFeed`` and ``dispatch_stream``, as ``benchmarks/slot_utilization.py``),
+  since the search loop itself does not run barrier-free yet; a merge scored before is told its
+  score at once and not counted, as the search loop does;
 - ``upstream``: ``mergekit-evolve`` of mergekit 0.1.4 in its own virtual environment, built on
   first use (``benchmarks/planted/upstream.py``), on a local Ray with one fake GPU.
 
@@ -53,7 +59,9 @@ SYSTEM_OPTIONS: dict[str, dict] = {
     "evomerge-cma-es": {"searcher": "cma-es"},  # 0.2's default (upstream's search, in evomerge)
     "random": {"searcher": "random"},
 }
-SYSTEMS = (*SYSTEM_OPTIONS, "upstream")
+# Barrier-free: simulated slots per system.
+BARRIER_FREE_SLOTS = {"evomerge-barrier-free-4": 4, "evomerge-barrier-free-8": 8}
+SYSTEMS = (*SYSTEM_OPTIONS, *BARRIER_FREE_SLOTS, "upstream")
 
 
 # --- evomerge and random, in worker processes ------------------------------------------------------
@@ -114,6 +122,65 @@ def run_evomerge(job: tuple[str, str, int, int, str]) -> dict:
         "sigmas": sigmas,
         "seconds": time.perf_counter() - started,
     }
+
+
+def run_barrier_free(job: tuple[str, str, int, int, str]) -> dict:
+    """The default searcher without the generation barrier, on simulated slots (see the module
+    docstring): every evaluation's score in the order the slots took them."""
+    from evomerge.backends.dispatch import dispatch_stream
+    from evomerge.backends.prepare import build_options, prepare_run
+    from evomerge.core.batch_plan import plan_batch
+    from evomerge.core.records import CandidateRecord
+    from evomerge.core.suggestion_feed import SuggestionFeed
+    from evomerge.search_session import make_searcher
+
+    sys.path.insert(0, str(HERE))
+    from slot_utilization import SimClock, sample_durations
+
+    system, problem, seed, budget, root = job
+    config = Path(root) / "configs" / f"{problem}.yml"
+    worker = _worker(config, Path(root))
+    options = build_options(
+        in_memory=True, seed=seed, max_fevals=budget, task_search_path=[str(Path(root) / "tasks")], baselines=False
+    )
+    spec = prepare_run(str(config), tempfile.mkdtemp(prefix=f"quality-{system}-"), options, check_task_names=False)
+    space, tasks = spec.search_space(), spec.evaluation.tasks
+    feed = SuggestionFeed(make_searcher(spec), budget, barrier_free=True)
+    clock, rng = SimClock(), __import__("numpy").random.default_rng([seed, 7])
+    known: dict[str, float | None] = {}
+    scores: list[float | None] = []
+    started = time.perf_counter()
+
+    def request_for(suggestion):
+        return plan_batch(space, spec.evaluation, [suggestion], {}, 1).to_evaluate[0]
+
+    def next_request():
+        while (suggestion := feed.next()) is not None:
+            request = request_for(suggestion)
+            if request.key not in known:  # (scored when submitted: the clock is simulated)
+                return suggestion, request
+            feed.tell_known(suggestion.id, known[request.key])
+        return None
+
+    def submit(item, slot):
+        suggestion, request = item
+        record = CandidateRecord.from_outcome(request, worker.run(request), tasks, {}, 0.0, 0.0)  # type: ignore[attr-defined]
+        score = record.score if record.status == "ok" else None
+        known[request.key] = score
+        scores.append(score)
+        return clock.submit(float(sample_durations(rng, 1)[0]), (slot, suggestion.id, score))
+
+    def result(item, outcome, seconds):
+        suggestion, request = item
+        feed.tell(suggestion.id, known[request.key])
+        return seconds
+
+    dispatch_stream(next_request, list(range(BARRIER_FREE_SLOTS[system])), submit, clock.wait_first, result, _raise)
+    return {"scores": scores, "sigmas": [], "seconds": time.perf_counter() - started, "told": feed.told}
+
+
+def _raise(request, exc: Exception):
+    raise exc
 
 
 def reference_scores(job: tuple[str, str]) -> dict:
@@ -239,7 +306,7 @@ def main() -> None:
 def _run_and_keep(item: tuple[tuple[str, str, int, int, str], str]) -> str:
     job, results = item
     system, problem, seed, _, _ = job
-    outcome = run_evomerge(job)
+    outcome = run_barrier_free(job) if system in BARRIER_FREE_SLOTS else run_evomerge(job)
     path = Path(results) / system / problem / f"{seed}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(outcome))

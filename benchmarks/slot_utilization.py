@@ -1,7 +1,13 @@
 """Slot utilization with and without the generation barrier, on a simulated clock.
 
     python benchmarks/slot_utilization.py                      # simulated evaluator, 8/16/32 slots
+    python benchmarks/slot_utilization.py --searcher           # the real searcher, sync vs barrier-free
     python benchmarks/slot_utilization.py --records runs/demo  # a run's own round trips
+
+``--searcher`` runs evomerge's CMA-ES (cma-es-box) through ``SuggestionFeed`` and the real
+``dispatch_stream`` on the simulated clock, told a quadratic's value as each candidate finishes:
+synchronous (a generation is asked when the last one is told) against barrier-free (an idle slot
+takes a vector drawn ahead for the next generation), same durations model, same budget.
 
 Utilization = busy slot-seconds / (slots x wall time). "With barrier" is what ``flows/evolve.py``
 does (``pool`` strategy): each generation goes through the real ``dispatch_to_slots``, the next
@@ -35,7 +41,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from evomerge.backends.dispatch import dispatch_to_slots
+from evomerge.backends.dispatch import dispatch_stream, dispatch_to_slots
 
 
 class Span(NamedTuple):
@@ -167,6 +173,42 @@ def simulate_table(args: argparse.Namespace) -> None:
             )
 
 
+def searcher_utilization(args: argparse.Namespace, slots: int, popsize: int, barrier_free: bool) -> float:
+    """The real searcher, feed and dispatcher on the simulated clock: busy / (slots x wall)."""
+    from evomerge.core.searcher import CmaEsSearcher
+    from evomerge.core.suggestion_feed import SuggestionFeed
+
+    dim = args.dimension
+    searcher = CmaEsSearcher(np.full(dim, 0.5), 0.5, args.seed, popsize, box=(np.zeros(dim), np.ones(dim)))
+    feed = SuggestionFeed(searcher, args.generations * popsize, barrier_free)
+    rng, clock = np.random.default_rng([args.seed, slots, popsize]), SimClock()
+
+    def duration() -> float:
+        return float(sample_durations(rng, 1, args.mean, args.sigma, args.straggler_rate, args.straggler_factor)[0])
+
+    def told(suggestion, seconds, _):
+        feed.tell(suggestion.id, -float(((np.asarray(suggestion.vector) - 0.3) ** 2).sum()))
+        return seconds
+
+    taken = dispatch_stream(
+        feed.next, list(range(slots)), lambda s, slot: clock.submit(duration(), slot), clock.wait_first, told, _reraise
+    )
+    return float(sum(taken)) / (slots * clock.now)
+
+
+def searcher_table(args: argparse.Namespace) -> None:
+    default = cma_default_popsize(args.dimension)
+    print("| slots | popsize | synchronous | barrier-free | barrier-free / synchronous |")
+    print("|---:|---|---:|---:|---:|")
+    for slots in args.slots:
+        for popsize, label in (
+            (default, f"{default} (CMA default, n={args.dimension})"),
+            (slots, f"{slots} (= slots)"),
+        ):
+            sync, free = (searcher_utilization(args, slots, popsize, b) for b in (False, True))
+            print(f"| {slots} | {label} | {sync:.1%} | {free:.1%} | {free / sync:.2f} |")
+
+
 def read_records(storage: str) -> tuple[int, list[list[float]], list[Span]]:
     """A run's slot count, its round trips per generation (in index order, the order dispatched)
     and each generation's actual Span from the record timestamps."""
@@ -239,6 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--straggler-factor", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--records", metavar="STORAGE_PATH", help="replay a run's records instead")
+    p.add_argument("--searcher", action="store_true", help="the real searcher: synchronous vs barrier-free")
     args = p.parse_args(argv)
     if args.records:
         print(f"command: python benchmarks/slot_utilization.py --records {shlex.quote(args.records)}\n")
@@ -248,9 +291,9 @@ def main(argv: list[str] | None = None) -> None:
         "command: python benchmarks/slot_utilization.py --slots "
         f"{' '.join(map(str, args.slots))} --generations {args.generations} --dimension {args.dimension} "
         f"--mean {args.mean:g} --sigma {args.sigma:g} --straggler-rate {args.straggler_rate:g} "
-        f"--straggler-factor {args.straggler_factor:g} --seed {args.seed}\n"
+        f"--straggler-factor {args.straggler_factor:g} --seed {args.seed}{' --searcher' if args.searcher else ''}\n"
     )
-    simulate_table(args)
+    (searcher_table if args.searcher else simulate_table)(args)
 
 
 if __name__ == "__main__":

@@ -151,3 +151,26 @@ def test_a_disk_that_fills_up_at_a_checkpoint_stops_the_run_and_resume_finishes_
     assert resumed.restore_notes == []
     run(resumed)
     assert trajectory(storage) == trajectory(straight[0])
+
+
+def test_a_barrier_free_step_round_trips_through_its_checkpoint_and_old_ones_drew_nothing_ahead():
+    from test_searcher import cma_box, run_on_slots
+
+    from evomerge.core.checkpoint import GenerationCheckpoint
+
+    steps, _ = run_on_slots(cma_box(), slots=5, budget=30, seed=11)
+    step = next(s for s in steps if s.ahead)
+    checkpoint = GenerationCheckpoint.of_step(
+        step,
+        searcher="cma-es-box",
+        fingerprint="f",
+        keys=["k"] * len(step.vectors),
+        evaluations=1,
+        best_key=None,
+        written_at=0.0,
+    )
+    parsed = parse_checkpoint(checkpoint.model_dump_json(), "cp", "f", step.generation, "cma-es-box")
+    assert parsed.step() == step
+    old = json.loads(checkpoint.model_dump_json())
+    del old["ahead"]  # what 0.1-0.3 wrote
+    assert parse_checkpoint(json.dumps(old), "cp", "f", step.generation, "cma-es-box").step().ahead == 0

@@ -141,3 +141,42 @@ def test_buffered_merges_ahead_so_a_slot_does_not_wait_for_merges():
 def test_a_crashed_merge_task_is_one_failed_candidate():
     results, _, _ = run_pipelined(["a", "bad", "c"], ["s0"], merge_seconds=1, eval_seconds=1, lookahead=1)
     assert sorted(results) == ["a@s0", "c@s0", "failed: merge task crashed"]
+
+
+def test_a_stream_asks_for_work_whenever_a_slot_is_free_and_again_after_each_result():
+    """dispatch_stream: ``None`` means nothing now; a result can make work (a generation told
+    opens the next), which the free slots then take."""
+    from evomerge.backends.dispatch import dispatch_stream
+
+    made = iter(["a", "b"])
+    unlocked = []  # "c" exists only once "a" is back
+    asked = []
+
+    def next_request():
+        request = next(made, None) or (unlocked.pop() if unlocked else None)
+        asked.append(request)
+        return request
+
+    def on_result(request, outcome, seconds):
+        if request == "a":
+            unlocked.append("c")
+        return outcome
+
+    clock = {"now": 0.0}
+
+    def wait_first(futures):
+        first = min(futures, key=lambda f: (f.finish_at, f.request))
+        clock["now"] = first.finish_at
+        return first
+
+    results = dispatch_stream(
+        next_request,
+        ["s0", "s1", "s2"],
+        lambda r, s: FakeFuture(r, s, clock["now"] + {"a": 1, "b": 5, "c": 1}[r]),
+        wait_first,
+        on_result,
+        lambda r, exc: None,
+    )
+    assert results == ["a@s0", "c@s2", "b@s1"]
+    assert asked[:3] == ["a", "b", None], "the third slot found nothing and waited"
+    assert clock["now"] == 5

@@ -1,6 +1,8 @@
 """The Searcher protocol: seeded, private randomness; results told one at a time in any order;
 steps replayed bit for bit; CMA-ES and random search behind the same calls."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -157,3 +159,91 @@ def test_the_box_searcher_tells_pycma_its_own_samples():
     pycma_asked = boxed._asked_padded.copy()
     assert not np.array_equal(pycma_asked, np.array([s.vector for s in suggestions]))
     assert np.array_equal(np.clip(pycma_asked, 0, 1), np.array([s.vector for s in suggestions]))
+
+
+# --- without the generation barrier -------------------------------------------------------------
+def run_on_slots(searcher, slots, budget, seed, score=quadratic):
+    """Evaluate through ``slots`` busy slots with random durations (a simulated clock): results
+    arrive out of order and idle slots draw ahead. Returns the steps and the feed."""
+    import heapq
+
+    from evomerge.core.suggestion_feed import SuggestionFeed
+
+    rng = np.random.default_rng(seed)
+    feed = SuggestionFeed(searcher, budget, barrier_free=True)
+    running, steps, now, seq = [], [], 0.0, 0
+    while True:
+        while len(running) < slots and (s := feed.next()) is not None:
+            seq += 1
+            heapq.heappush(running, (now + rng.lognormal(0, 0.5), seq, s))
+        if not running:
+            return steps, feed
+        now, _, s = heapq.heappop(running)
+        if (step := feed.tell(s.id, score(s.vector))) is not None:
+            steps.append(step)
+
+
+@pytest.mark.parametrize("make", [cma_box, lambda: RandomSearcher(np.zeros(4), np.ones(4), seed=5, popsize=6)])
+def test_vectors_drawn_ahead_open_the_coming_generations(make):
+    searcher = make()
+    n = searcher.popsize
+    assert searcher.ask_ahead() is None, "nothing is drawn ahead before a generation is open"
+    first = searcher.ask()
+    drawn = [searcher.ask_ahead() for _ in range(n + 2)]
+    # Each coming generation keeps one place for a vector of its own distribution.
+    assert [(a.generation, a.index) for a in drawn] == [(1, i) for i in range(n - 1)] + [(2, i) for i in range(3)]
+    next_gen, after = drawn[: n - 1], drawn[n - 1 :]
+    searcher.tell(next_gen[0].id, quadratic(next_gen[0].vector))  # a result ahead of its generation
+    steps = [searcher.tell(s.id, quadratic(s.vector)) for s in first]
+    assert steps[-1].ahead == n + 2 and searcher.generation == 1
+    rest = searcher.ask()
+    assert [(s.generation, s.index) for s in rest] == [(1, n - 1)]
+    for a in next_gen[1:] + after:
+        assert searcher.tell(a.id, quadratic(a.vector)) is None
+    step = searcher.tell(rest[0].id, quadratic(rest[0].vector))
+    assert step.generation == 1 and step.vectors == tuple(a.vector for a in next_gen) + (rest[0].vector,)
+    assert step.scores_told[0] == quadratic(next_gen[0].vector), "the early result counts in its generation"
+    assert step.ahead == 0
+    third = searcher.ask()
+    assert [(s.generation, s.index) for s in third] == [(2, i) for i in range(3, n)]
+    assert searcher.tell(third[-1].id, 0.0) is None
+    for s in third[:-1]:
+        searcher.tell(s.id, 0.0)
+    assert searcher.generation == 3, "the results of generation 2's drawn-ahead vectors were kept"
+
+
+def test_a_barrier_free_search_is_the_same_for_the_same_arrival_order_and_replays_bit_for_bit():
+    steps, feed = run_on_slots(cma_box(), slots=5, budget=60, seed=11)
+    again, feed_again = run_on_slots(cma_box(), slots=5, budget=60, seed=11)
+    assert steps == again and feed.told == feed_again.told
+    assert any(step.ahead for step in steps), "slots drew ahead"
+    assert steps != run_on_slots(cma_box(), slots=5, budget=60, seed=12)[0], "another arrival order, another search"
+
+    live = cma_box()
+    live_steps, _ = run_on_slots(live, slots=5, budget=60, seed=11)
+    resumed = cma_box()
+    for step in live_steps:
+        resumed.replay(step)
+    assert resumed.generation == live.generation and resumed.sigma == live.sigma
+    assert np.array_equal(resumed.mean, live.mean)
+
+
+def test_replay_detects_another_count_drawn_ahead():
+    steps, _ = run_on_slots(cma_box(), slots=5, budget=30, seed=11)
+    i = next(i for i, step in enumerate(steps) if step.ahead)
+    resumed = cma_box()
+    for step in steps[:i]:
+        resumed.replay(step)
+    resumed.replay(replace(steps[i], ahead=steps[i].ahead - 1))
+    with pytest.raises(ReplayMismatchError):  # the next generation is then not the one stored
+        resumed.replay(steps[i + 1])
+
+
+def test_a_barrier_free_search_still_finds_the_optimum():
+    # Fewer slots than a generation holds: vectors are drawn at most one generation ahead. (With
+    # more slots than that, they are drawn from older distributions and convergence is slower:
+    # see benchmarks/search_quality.py's barrier-free systems.)
+    searcher = CmaEsSearcher(np.full(4, 0.5), 0.2, seed=0, popsize=6)
+    steps, _ = run_on_slots(searcher, slots=4, budget=400, seed=3)
+    assert any(step.ahead for step in steps)
+    assert np.abs(searcher.mean - 0.1).max() < 0.01

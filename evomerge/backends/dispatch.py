@@ -30,17 +30,36 @@ def dispatch_to_slots(
     flight cancelled). A future that raises (its task crashed, not the candidate failed) becomes
     the outcome ``on_error(request, exception)``: one broken task is one failed candidate.
     """
+    pending = deque(requests)
+    return dispatch_stream(
+        lambda: pending.popleft() if pending else None, slots, submit, wait_first, on_result, on_error
+    )
+
+
+def dispatch_stream(
+    next_request: Callable[[], Any | None],
+    slots: Sequence[Any],
+    submit: Callable[[Any, Any], Any],
+    wait_first: Callable[[list[Any]], Any],
+    on_result: Callable[[Any, Any, float], R],
+    on_error: Callable[[Any, Exception], Any],
+) -> list[R]:
+    """``dispatch_to_slots`` for requests that are made while others run: each free slot calls
+    ``next_request()`` and runs what it returns; ``None`` means nothing now (it is asked again
+    after the next result, which may have made work: a completed generation opens the next).
+    Ends when nothing runs and nothing is left to run."""
     if not slots:
         raise ValueError("no evaluation slots")
     free = deque(slots)
-    pending = deque(requests)
     in_flight: dict[Any, tuple[Any, Any, float]] = {}
     results: list[R] = []
     try:
-        while pending or in_flight:
-            while free and pending:
-                slot, request = free.popleft(), pending.popleft()
+        while True:
+            while free and (request := next_request()) is not None:
+                slot = free.popleft()
                 in_flight[submit(request, slot)] = (request, slot, time.perf_counter())
+            if not in_flight:
+                return results
             done = wait_first(list(in_flight))
             request, slot, submitted = in_flight.pop(done)
             free.append(slot)
@@ -52,7 +71,6 @@ def dispatch_to_slots(
     finally:
         for future in in_flight:
             _cancel(future)
-    return results
 
 
 def dispatch_pipelined(

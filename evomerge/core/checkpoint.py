@@ -42,6 +42,7 @@ class GenerationCheckpoint(BaseModel):
     best_key: str | None = None
     written_at: float = 0.0
     searcher: str = "cma-es"
+    ahead: int = 0  # vectors drawn ahead from this generation's distribution (barrier-free)
 
     @classmethod
     def of_step(
@@ -68,6 +69,7 @@ class GenerationCheckpoint(BaseModel):
             best_key=best_key,
             written_at=written_at,
             searcher=searcher,
+            ahead=step.ahead,
         )
 
     def step(self) -> SearchStep:
@@ -77,6 +79,7 @@ class GenerationCheckpoint(BaseModel):
             tuple(self.scores_told),
             self.sigma_after,
             None if self.mean_after is None else tuple(self.mean_after),
+            ahead=self.ahead,
         )
 
 

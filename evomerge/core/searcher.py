@@ -9,6 +9,14 @@ checkpoint stores, and that ``replay`` takes again on a new searcher of the same
 bit for bit that it asks the same vectors and ends in the same state (no optimizer object is
 ever serialised; no pickle).
 
+Without a generation barrier: while the open generation's last results are out, an idle slot
+calls ``ask_ahead()`` and gets a vector drawn now, from the current distribution, that becomes
+one of the next generation's (CMA-ES: injected into it with pycma's ``inject``); once the next
+generation holds all but one of its vectors, the one after it. How many were
+drawn ahead during a generation depends on the order results arrived in; the step records it
+(``ahead``), so replay draws as many at the same point and a resumed search continues bit for
+bit. A caller that never calls ``ask_ahead`` gets the synchronous search, unchanged.
+
 >>> searcher = CmaEsSearcher(x0=[0.5, 0.5], sigma0=0.2, seed=1, popsize=4)
 >>> suggestions = searcher.ask()
 >>> [s.id for s in suggestions], searcher.ask()
@@ -20,6 +28,7 @@ ever serialised; no pickle).
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -53,6 +62,9 @@ class SearchStep:
     scores_told: tuple[float, ...]  # failures already replaced by the penalty
     sigma_after: float | None = None
     mean_after: tuple[float, ...] | None = None
+    # Vectors drawn ahead from this generation's distribution before it was told (they open the
+    # coming generations); replay draws as many at the same point.
+    ahead: int = 0
 
 
 class ReplayMismatchError(ValueError):
@@ -77,6 +89,10 @@ class Searcher(Protocol):
     def ask(self) -> list[Suggestion]:
         """Suggestions to evaluate now; ``[]`` while the searcher waits for results."""
 
+    def ask_ahead(self) -> Suggestion | None:
+        """For an idle slot while the open generation's suggestions are all out: a vector of a
+        coming generation, drawn now (``None``: no generation is open)."""
+
     def tell(self, suggestion_id: int, score: float | None) -> SearchStep | None:
         """One result (``None``: the candidate failed); the step taken, if this completed one."""
 
@@ -87,24 +103,24 @@ class Searcher(Protocol):
 class _GenerationBuffer:
     """One generation's suggestions and the scores told so far, in any order."""
 
-    def __init__(self, generation: int, first_id: int, vectors: NDArray[np.float64]):
+    def __init__(self, generation: int, ids: list[int], vectors: NDArray[np.float64]):
         self.generation = generation
-        self.first_id = first_id
+        self.ids = ids
         self.vectors = vectors
         self.scores: list[float | None] = [None] * len(vectors)
         self.told = [False] * len(vectors)
 
-    def suggestions(self) -> list[Suggestion]:
+    def suggestions(self, start: int = 0) -> list[Suggestion]:
         return [
-            Suggestion(self.first_id + i, self.generation, i, tuple(float(v) for v in x))
-            for i, x in enumerate(self.vectors)
+            Suggestion(self.ids[i], self.generation, i, tuple(float(v) for v in self.vectors[i]))
+            for i in range(start, len(self.vectors))
         ]
 
     def tell(self, suggestion_id: int, score: float | None) -> bool:
         """Record a score; returns whether the generation is now complete."""
-        i = suggestion_id - self.first_id
-        if not 0 <= i < len(self.vectors):
+        if suggestion_id not in self.ids:
             raise ValueError(f"suggestion {suggestion_id} is not in generation {self.generation}")
+        i = self.ids.index(suggestion_id)
         if self.told[i]:
             raise ValueError(f"suggestion {suggestion_id} was told already")
         if score is not None and not np.isfinite(score):
@@ -113,8 +129,18 @@ class _GenerationBuffer:
         return all(self.told)
 
 
+@dataclass(frozen=True)
+class _DrawnAhead:
+    """A suggestion drawn ahead of its generation, with the optimizer's own (unclipped, padded)
+    sample, which the next generation is built around."""
+
+    suggestion: Suggestion
+    sample: NDArray[np.float64]
+
+
 class _Generational:
-    """Asks a whole generation, waits for every score, then steps (a synchronous barrier)."""
+    """Asks a whole generation and steps once every score of it is in; with ``ask_ahead``, the
+    next generation's first vectors go out before that."""
 
     name = "generational"
     dimension: int
@@ -123,20 +149,61 @@ class _Generational:
         self._open: _GenerationBuffer | None = None
         self._next_id = 0
         self._generation = 0
+        # Drawn ahead, per coming generation (the next first); each keeps room for one vector of
+        # its own distribution. More slots than a generation holds draw for the one after.
+        self._ahead: deque[list[_DrawnAhead]] = deque()
+        self._ahead_scores: dict[int, float | None] = {}  # results of drawn-ahead ones, told early
+        self._drawn_ahead = 0  # during the open generation (its step's ``ahead``)
 
     @property
     def generation(self) -> int:
         return self._generation
 
+    @property
+    def popsize(self) -> int:
+        raise NotImplementedError
+
     def ask(self) -> list[Suggestion]:
         if self._open is not None:
             return []  # the open generation is not told yet
-        vectors = self._draw()
-        self._open = _GenerationBuffer(self._generation, self._next_id, vectors)
-        self._next_id += len(vectors)
-        return self._open.suggestions()
+        ahead = self._ahead.popleft() if self._ahead else []
+        self._drawn_ahead = 0
+        vectors = self._draw([a.sample for a in ahead])
+        for i, a in enumerate(ahead):  # the vector that went out is the one that is scored
+            vectors[i] = a.suggestion.vector
+        ids = [a.suggestion.id for a in ahead] + list(range(self._next_id, self._next_id + len(vectors) - len(ahead)))
+        self._next_id += len(vectors) - len(ahead)
+        self._open = _GenerationBuffer(self._generation, ids, vectors)
+        for a in ahead:
+            if a.suggestion.id in self._ahead_scores:
+                self._open.tell(a.suggestion.id, self._ahead_scores.pop(a.suggestion.id))
+        return self._open.suggestions(start=len(ahead))
+
+    def ask_ahead(self) -> Suggestion | None:
+        if self._open is None or self.popsize < 2:
+            return None
+        coming = next((i for i, drawn in enumerate(self._ahead) if len(drawn) < self.popsize - 1), None)
+        if coming is None:
+            coming = len(self._ahead)
+            self._ahead.append([])
+        sample, vector = self._draw_ahead()
+        drawn = self._ahead[coming]
+        suggestion = Suggestion(
+            self._next_id, self._generation + 1 + coming, len(drawn), tuple(float(v) for v in vector)
+        )
+        self._next_id += 1
+        self._drawn_ahead += 1
+        drawn.append(_DrawnAhead(suggestion, sample))
+        return suggestion
 
     def tell(self, suggestion_id: int, score: float | None) -> SearchStep | None:
+        if any(a.suggestion.id == suggestion_id for drawn in self._ahead for a in drawn):
+            if suggestion_id in self._ahead_scores:
+                raise ValueError(f"suggestion {suggestion_id} was told already")
+            if score is not None and not np.isfinite(score):
+                raise ValueError(f"suggestion {suggestion_id}: a score must be finite (None for a failure)")
+            self._ahead_scores[suggestion_id] = score  # its generation is not open yet
+            return None
         if self._open is None:
             raise ValueError("tell() without an open generation; ask() first")
         if not self._open.tell(suggestion_id, score):
@@ -149,14 +216,20 @@ class _Generational:
 
     def replay(self, step: SearchStep) -> None:
         suggestions = self.ask()
-        asked = np.array([s.vector for s in suggestions], dtype=float)
-        if step.generation != self._generation or not np.array_equal(asked, np.asarray(step.vectors, dtype=float)):
+        assert self._open is not None
+        asked = np.asarray(self._open.vectors, dtype=float)
+        if (
+            step.generation != self._generation
+            or not suggestions
+            or not np.array_equal(asked, np.asarray(step.vectors, dtype=float))
+        ):
             self._open = None
             raise ReplayMismatchError(
                 f"{self.name} with this seed asks other vectors in generation {self._generation} than were stored"
             )
+        for _ in range(step.ahead):  # drawn at the same point as in the run: before the step
+            self.ask_ahead()
         buffer, self._open = self._open, None
-        assert buffer is not None
         scores = np.asarray(step.scores_told, dtype=float)
         self._learn(buffer.vectors, scores)
         self._generation += 1
@@ -168,14 +241,20 @@ class _Generational:
             )
 
     # what a concrete searcher provides
-    def _draw(self) -> NDArray[np.float64]:
+    def _draw(self, ahead: list[NDArray[np.float64]]) -> NDArray[np.float64]:
+        """A generation's vectors; the first ``len(ahead)`` are built from the samples drawn
+        ahead (the caller puts the exact vectors that went out in their place)."""
+        raise NotImplementedError
+
+    def _draw_ahead(self) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        """One sample of the current distribution: (the optimizer's own, the suggested vector)."""
         raise NotImplementedError
 
     def _learn(self, vectors: NDArray[np.float64], scores: NDArray[np.float64]) -> None:
         raise NotImplementedError
 
     def _step(self, generation: int, vectors: NDArray[np.float64], scores: NDArray[np.float64]) -> SearchStep:
-        return SearchStep(generation, _rows(vectors), tuple(float(s) for s in scores))
+        return SearchStep(generation, _rows(vectors), tuple(float(s) for s in scores), ahead=self._drawn_ahead)
 
 
 class CmaEsSearcher(_Generational):
@@ -242,10 +321,24 @@ class CmaEsSearcher(_Generational):
     def mean(self) -> NDArray[np.float64]:
         return np.asarray(self._es.mean, dtype=float)[: self.dimension]
 
-    def _draw(self) -> NDArray[np.float64]:
-        self._asked_padded = np.array(self._es.ask(), dtype=float)
-        asked = self._asked_padded[:, : self.dimension].copy()
+    def _suggested(self, samples: NDArray[np.float64]) -> NDArray[np.float64]:
+        asked = samples[..., : self.dimension].copy()
         return asked if self._box is None else np.clip(asked, *self._box)
+
+    def _draw(self, ahead: list[NDArray[np.float64]]) -> NDArray[np.float64]:
+        # Samples drawn ahead come back first, unchanged (force=True: pycma's tell, not ask,
+        # limits how far an injected sample may move the distribution).
+        if ahead:
+            self._es.inject(ahead, force=True)
+        self._asked_padded = np.array(self._es.ask(), dtype=float)
+        if ahead and not np.allclose(self._asked_padded[: len(ahead)], ahead, rtol=0, atol=1e-9):
+            raise RuntimeError("pycma did not return the injected samples first (another pycma version?)")
+        return self._suggested(self._asked_padded)
+
+    def _draw_ahead(self) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        # pycma's documented way to sample more of a generation before its tell ("ask(1)").
+        sample = np.array(self._es.ask(1)[0], dtype=float)
+        return sample, self._suggested(sample)
 
     def _learn(self, vectors: NDArray[np.float64], scores: NDArray[np.float64]) -> None:
         assert self._asked_padded is not None
@@ -254,7 +347,12 @@ class CmaEsSearcher(_Generational):
 
     def _step(self, generation: int, vectors: NDArray[np.float64], scores: NDArray[np.float64]) -> SearchStep:
         return SearchStep(
-            generation, _rows(vectors), tuple(float(s) for s in scores), self.sigma, tuple(float(m) for m in self.mean)
+            generation,
+            _rows(vectors),
+            tuple(float(s) for s in scores),
+            self.sigma,
+            tuple(float(m) for m in self.mean),
+            ahead=self._drawn_ahead,
         )
 
 
@@ -277,11 +375,20 @@ class RandomSearcher(_Generational):
         if self.lower.shape != self.upper.shape or not np.all(self.upper > self.lower):
             raise ValueError("random search needs lower < upper in every coordinate")
         self.dimension = self.lower.size
-        self.popsize = popsize
+        self._popsize = popsize
         self._rng = np.random.default_rng(seed)
 
-    def _draw(self) -> NDArray[np.float64]:
-        return self.lower + (self.upper - self.lower) * self._rng.random((self.popsize, self.dimension))
+    @property
+    def popsize(self) -> int:
+        return self._popsize
+
+    def _draw(self, ahead: list[NDArray[np.float64]]) -> NDArray[np.float64]:
+        fresh = self.lower + (self.upper - self.lower) * self._rng.random((self.popsize - len(ahead), self.dimension))
+        return np.vstack([*ahead, fresh]) if ahead else fresh
+
+    def _draw_ahead(self) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        vector = self.lower + (self.upper - self.lower) * self._rng.random(self.dimension)
+        return vector, vector
 
     def _learn(self, vectors: NDArray[np.float64], scores: NDArray[np.float64]) -> None:
         """Random search learns nothing."""

@@ -1,0 +1,53 @@
+"""What an idle evaluation slot runs next (pure): the open generation's next suggestion, or, when
+they are all out and the search runs without a generation barrier, one drawn ahead for the next
+generation; ``None`` while it must wait for results.
+
+The feed also records the order results were told in (``told``): with the same seed and the same
+order, a barrier-free search is the same search.
+
+>>> from evomerge.core.searcher import CmaEsSearcher
+>>> feed = SuggestionFeed(CmaEsSearcher([0.5, 0.5], 0.2, seed=1, popsize=4), budget=6, barrier_free=True)
+>>> out = [feed.next() for _ in range(6)]  # six idle slots
+>>> [(s.generation, s.index) for s in out]
+[(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1)]
+>>> feed.next() is None  # the budget is spent
+True
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from evomerge.core.searcher import Searcher, SearchStep, Suggestion
+
+
+class SuggestionFeed:
+    def __init__(self, searcher: Searcher, budget: int, barrier_free: bool):
+        self.searcher = searcher
+        self.budget = budget  # suggestions handed out, at most
+        self.barrier_free = barrier_free
+        self.handed_out = 0
+        self.told: list[int] = []  # suggestion ids in the order their results were told
+        self._queue: deque[Suggestion] = deque()
+
+    def next(self) -> Suggestion | None:
+        if self.handed_out >= self.budget:
+            return None
+        if not self._queue:
+            self._queue.extend(self.searcher.ask())  # [] while a generation is open
+        if self._queue:
+            suggestion: Suggestion | None = self._queue.popleft()
+        else:
+            suggestion = self.searcher.ask_ahead() if self.barrier_free else None
+        self.handed_out += suggestion is not None
+        return suggestion
+
+    def tell(self, suggestion_id: int, score: float | None) -> SearchStep | None:
+        self.told.append(suggestion_id)
+        return self.searcher.tell(suggestion_id, score)
+
+    def tell_known(self, suggestion_id: int, score: float | None) -> SearchStep | None:
+        """A suggestion whose merge was scored already: told at once, and not counted against
+        the budget (no slot evaluates it)."""
+        self.handed_out -= 1
+        return self.tell(suggestion_id, score)
