@@ -17,9 +17,9 @@ Every system gets the same ``mergekit-evolve`` config, unchanged:
 - ``evomerge-barrier-free-4`` and ``-8``: the default searcher without the generation barrier,
   told results in the order 4 (8) slots would return them (durations lognormal, sigma 0.25, on a
   simulated clock; seeded), an idle slot taking a vector drawn ahead. Driven at the searcher
-  level (``SuggestionFeed`` and ``dispatch_stream``, as ``benchmarks/slot_utilization.py``),
-  since the search loop itself does not run barrier-free yet; a merge scored before is told its
-  score at once and not counted, as the search loop does;
+  level (``SuggestionFeed`` and ``dispatch_stream``, as ``benchmarks/slot_utilization.py``;
+  ``--barrier-free`` runs the same searcher through the same feed); a merge scored before is
+  told its score at once and not counted, as the search loop does;
 - ``upstream``: ``mergekit-evolve`` of mergekit 0.1.4 in its own virtual environment, built on
   first use (``benchmarks/planted/upstream.py``), on a local Ray with one fake GPU.
 

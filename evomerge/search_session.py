@@ -15,6 +15,7 @@ CMA-ES, a whole generation) is checkpointed the moment it completes.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import uuid
 from typing import Any
@@ -26,14 +27,16 @@ from evomerge.backends.run_store import RunStore
 from evomerge.core.batch_plan import BatchPlan, best_record, plan_batch
 from evomerge.core.checkpoint import GenerationCheckpoint
 from evomerge.core.fitness import MissingMetricError, too_many_failures
-from evomerge.core.records import CandidateRecord, CandidateRequest, EvaluationOutcome
+from evomerge.core.records import CandidateRecord, CandidateRequest, EvaluationOutcome, candidate_key
 from evomerge.core.references import baseline_requests, held_out_requests, top_candidates
 from evomerge.core.run_report import ComparisonRow, comparison_for, comparison_summary
 from evomerge.core.run_spec import RunSpec
 from evomerge.core.run_summary import run_summary
-from evomerge.core.searcher import CmaEsSearcher, RandomSearcher, Searcher, SearchStep
+from evomerge.core.searcher import CmaEsSearcher, RandomSearcher, Searcher, SearchStep, Suggestion
+from evomerge.core.slot_utilization import slot_utilization
 from evomerge.core.stopping import IDLE_GENERATIONS_LIMIT, SearchProgress, StoppingRules
 from evomerge.core.storage_layout import BASELINES, BEST_CONFIG, CANDIDATES, HELD_OUT, SUMMARY, checkpoint_name
+from evomerge.core.suggestion_feed import SuggestionFeed
 from evomerge.failpoints import failpoint
 from evomerge.resume import replay_checkpoints
 from evomerge.run_manifest import ensure_manifest
@@ -88,9 +91,16 @@ class SearchSession:
         self._open: BatchPlan | None = None  # the batch whose results are being told
         self._untold: dict[str, list[int]] = {}  # key -> ids of the open batch still waiting for it
         self._pending: BatchPlan | None = None  # opened while resuming, handed out next
+        self._recorded_here: list[CandidateRecord] = []  # candidates this run evaluated
+        # Each generation's candidate keys by index, filled as its suggestions are planned.
+        self._keys: dict[int, dict[int, str]] = {}
+        # Barrier-free: what an idle slot gets next (the session itself keeps the budget).
+        self._feed = SuggestionFeed(self.searcher, sys.maxsize, True, self._redraw_recorded_ahead)
+        self.completed: list[tuple[int, tuple[str, ...]]] = []  # steps not yet shown to observers
         for checkpoint in replay_checkpoints(self.searcher, self.store, spec.fingerprint(), self.restore_notes.append):
             self._count_step(checkpoint.generation, checkpoint.keys, evaluated_here=False)
-        self._replay_recorded_batches()
+        if not spec.options.barrier_free:
+            self._replay_recorded_batches()
 
     @classmethod
     def active(cls, session_id: str) -> SearchSession:
@@ -173,6 +183,7 @@ class SearchSession:
             )
         plan = plan_batch(self.space, self.settings, suggestions, self.records, self.budget_left)
         self._open, self._untold = plan, {}
+        self._keys[plan.generation] = dict(enumerate(plan.keys))
         for key, ids in plan.suggestion_ids_by_key().items():
             if key in self.records:
                 for suggestion_id in ids:
@@ -187,12 +198,14 @@ class SearchSession:
             self._step_completed(step)
 
     def _step_completed(self, step: SearchStep) -> None:
-        plan = self._open
-        assert plan is not None and plan.generation == step.generation
-        self._count_step(step.generation, plan.keys, evaluated_here=bool(plan.to_evaluate))
+        by_index = self._keys.pop(step.generation)
+        keys = tuple(by_index[i] for i in range(len(step.vectors)))
+        here = {r.key for r in self._recorded_here}
+        self._count_step(step.generation, keys, evaluated_here=any(k in here for k in keys))
         failpoint("after-tell")
-        self.write_checkpoint(step, plan.keys)
+        self.write_checkpoint(step, keys)
         failpoint("after-checkpoint")
+        self.completed.append((step.generation, keys))
 
     def finish_batch(self, plan: BatchPlan) -> None:
         """After a batch's evaluations: the summary, and the stops a batch can cause (its budget
@@ -205,16 +218,85 @@ class SearchSession:
             )
             self.write_summary()
             return
+        self.completed.clear()  # the loop shows this batch to the observers itself
         self.write_summary()
-        new = [self.records[r.key] for r in plan.to_evaluate]
+        self._stop_if_most_failed(plan.generation, [self.records[r.key] for r in plan.to_evaluate])
+
+    def generation_told(self, generation: int, keys: tuple[str, ...]) -> None:
+        """Barrier-free: after a generation's step (``completed``), what ``finish_batch`` does
+        after a batch: the summary, and the stop when most of its new candidates failed."""
+        self.write_summary()
+        new = [r for k in dict.fromkeys(keys) if (r := self.records.get(k)) is not None and r.generation == generation]
+        self._stop_if_most_failed(generation, new)
+
+    def _stop_if_most_failed(self, generation: int, new: list[CandidateRecord]) -> None:
         failed = [r for r in new if r.status == "failed"]
         if too_many_failures(len(failed), len(new), self.spec.options.max_failed_fraction):
             errors = "\n".join(f"  candidate {r.generation}.{r.index}: {r.error}" for r in failed)
             self.finished_reason = "too many failures"
             raise RunStoppedError(
-                f"{len(failed)} of {len(new)} candidates of generation {plan.generation} failed "
+                f"{len(failed)} of {len(new)} candidates of generation {generation} failed "
                 f"(more than {self.spec.options.max_failed_fraction:.0%}); stopping. Errors:\n{errors}"
             )
+
+    # --- barrier-free: one candidate at a time -----------------------------------------------
+    def next_request(self) -> CandidateRequest | None:
+        """``--barrier-free``: what an idle slot evaluates next. The open generation's next
+        candidate; once they are all out, one drawn ahead for a coming generation. None while
+        the search should stop or the budget is taken by what is running (asked again after the
+        next result). A merge scored before is told at once; one being scored waits for it."""
+        while self.should_stop() is None and self.budget_left > len(self._untold):
+            suggestion = self._feed.next()
+            if suggestion is None:
+                return None
+            if not np.all(np.isfinite(suggestion.vector)):
+                raise RunStoppedError(
+                    f"the {self.searcher.name} searcher asked a vector with NaN or infinity in generation "
+                    f"{suggestion.generation} (its state degenerated); the records and the best config "
+                    "so far are kept"
+                )
+            merge_config = self.space.decode(suggestion.vector)
+            key = candidate_key(merge_config, self.settings)
+            self._keys.setdefault(suggestion.generation, {})[suggestion.index] = key
+            if key in self.records:
+                self._tell(suggestion.id, self.records[key])
+            elif key in self._untold:
+                self._untold[key].append(suggestion.id)
+            else:
+                self._untold[key] = [suggestion.id]
+                return CandidateRequest(
+                    key=key,
+                    generation=suggestion.generation,
+                    index=suggestion.index,
+                    vector=list(suggestion.vector),
+                    merge_config=merge_config,
+                )
+        return None
+
+    def stream_stalled(self) -> str:
+        """Why a barrier-free stream ended although no stopping rule fired: the searcher had
+        nothing to ask with nothing running (never expected; a reason instead of a hang)."""
+        self.finished_reason = (
+            f"the {self.searcher.name} searcher had nothing to ask in generation {self.searcher.generation} "
+            "with no candidate running"
+        )
+        return self.finished_reason
+
+    def _redraw_recorded_ahead(self, generation: int) -> list[Suggestion]:
+        """Resuming: vectors drawn ahead while ``generation`` was open, before the run stopped,
+        have records at later generations. Draw as many again, now, before the generation is
+        told (where they were drawn): the same vectors, so their records are used and the search
+        continues as it was."""
+        held = set(self.searcher.held_ahead())
+        recorded = [(r.generation, r.index) for r in self.records.values() if r.generation > generation]
+        last = max((p for p in recorded if p not in held), default=None)
+        drawn: list[Suggestion] = []
+        while last is not None and (not drawn or (drawn[-1].generation, drawn[-1].index) < last):
+            suggestion = self.searcher.ask_ahead()
+            if suggestion is None:
+                break
+            drawn.append(suggestion)
+        return drawn
 
     # --- results ----------------------------------------------------------------------------
     def record_outcome(
@@ -249,6 +331,7 @@ class SearchSession:
         )
         failpoint("after-record")
         self.records[record.key] = record
+        self._recorded_here.append(record)
         if record.status == "ok" and (self._best is None or record.score > self._best.score):
             self._best = record
             self.store.write_text(BEST_CONFIG, best_config_yaml(record))
@@ -302,6 +385,11 @@ class SearchSession:
     def best(self) -> CandidateRecord | None:
         return self._best
 
+    @property
+    def slot_utilization(self) -> float | None:
+        """How busy this run kept its slots (None before its first candidate)."""
+        return slot_utilization(self._recorded_here)
+
     def write_checkpoint(self, step: SearchStep, keys) -> GenerationCheckpoint:
         checkpoint = GenerationCheckpoint.of_step(
             step,
@@ -334,6 +422,7 @@ class SearchSession:
             paused=self.paused,
             elapsed_seconds=self.elapsed_seconds,
             comparison=comparison_summary(self.comparison(), self.spec.config.held_out_tasks),
+            slot_utilization=self.slot_utilization,
         )
 
     def write_summary(self) -> None:

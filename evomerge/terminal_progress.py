@@ -34,6 +34,7 @@ class TerminalProgress:
             session.elapsed_seconds,
             sum(scores) / len(scores) if scores else None,
             seconds_left,
+            session.slot_utilization,
         )
         print(f"evomerge: {line}", file=self.stream, flush=True)
 

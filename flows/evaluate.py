@@ -16,15 +16,17 @@ searcher) the moment it arrives.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import contextmanager
+from typing import Any
 
 from prefect import flow, tags
 from prefect_ray.context import remote_options
 
-from evomerge.backends.dispatch import dispatch_pipelined, dispatch_to_slots, wait_for_first
+from evomerge.backends.dispatch import dispatch_pipelined, dispatch_stream, dispatch_to_slots, wait_for_first
 from evomerge.backends.prefect_artifacts import publish_batch
 from evomerge.backends.slot_pool import CandidatePolicy, SlotRef
-from evomerge.core.records import CandidateRecord, CandidateRequest, EvaluationOutcome, error_summary
+from evomerge.core.records import CandidateRequest, EvaluationOutcome, error_summary
 from evomerge.search_loop import Phase
 from evomerge.search_session import SearchSession
 from evomerge.tasks.evaluate_candidate import evaluate_candidate
@@ -68,10 +70,18 @@ def _crashed_task_outcome(request: CandidateRequest, exc: Exception) -> Evaluati
     return EvaluationOutcome(status="failed", error=error_summary(exc))
 
 
-def dispatch(session: SearchSession, requests: list[CandidateRequest], slots: list[SlotRef]) -> list[CandidateRecord]:
-    """Run the requests on the slots by the run's strategy; each result is recorded as it arrives."""
+def dispatch(
+    session: SearchSession,
+    requests: list[CandidateRequest] | Callable[[], CandidateRequest | None],
+    slots: list[SlotRef],
+    on_result: Callable[[CandidateRequest, EvaluationOutcome, float], Any] | None = None,
+) -> list:
+    """Run the requests on the slots by the run's strategy; each result is recorded as it
+    arrives (``on_result``, by default the session's ``record_outcome``). ``requests`` may be a
+    ``next_request`` callable (``--barrier-free``): each free slot asks it for work."""
     options = session.spec.options
     policy = CandidatePolicy.from_options(options)
+    on_result = on_result or session.record_outcome
     if options.strategy == "pool":
 
         def submit(request, slot):
@@ -79,12 +89,13 @@ def dispatch(session: SearchSession, requests: list[CandidateRequest], slots: li
             with _placed("pool", slot):
                 return merge_and_evaluate.with_options(task_run_name=f"candidate-{name}").submit(request, slot, policy)
 
-        return dispatch_to_slots(
-            requests,
+        run = dispatch_stream if callable(requests) else dispatch_to_slots
+        return run(
+            requests,  # type: ignore[arg-type]
             slots,
             submit=submit,
             wait_first=wait_for_first,
-            on_result=session.record_outcome,
+            on_result=on_result,
             on_error=_crashed_task_outcome,
         )
 
@@ -107,7 +118,7 @@ def dispatch(session: SearchSession, requests: list[CandidateRequest], slots: li
         submit_merge=submit_merge,
         submit_evaluate=submit_evaluate,
         wait_first=wait_for_first,
-        on_result=session.record_outcome,
+        on_result=on_result,
         on_error=_crashed_task_outcome,
         lookahead=0 if options.strategy == "serial" else 1,
     )
@@ -117,3 +128,30 @@ def dispatch(session: SearchSession, requests: list[CandidateRequest], slots: li
 def evaluate(phase: Phase, requests: list[CandidateRequest], slots: list[SlotRef], session_id: str) -> None:
     session = SearchSession.active(session_id)
     publish_batch(session, phase, dispatch(session, requests, slots))
+
+
+# The loop's callbacks of a barrier-free stream, by session id: flow parameters are stored as
+# JSON by Prefect, so they travel as the session's id (as the session itself does).
+_STREAMS: dict[str, tuple[Callable[[], CandidateRequest | None], Callable[..., Any]]] = {}
+
+
+@flow(name="evaluate", flow_run_name="generations")
+def evaluate_stream(slots: list[SlotRef], session_id: str) -> None:
+    """``--barrier-free``: every generation of this run in one flow run, each free slot taking
+    the session's next request (a candidate of the open generation, or one drawn ahead)."""
+    session = SearchSession.active(session_id)
+    next_request, on_result = _STREAMS[session_id]
+    dispatch(session, next_request, slots, on_result)
+
+
+def stream_runner(evaluate_stream_flow, slots_of: Callable[[], list[SlotRef]], session_id: str):
+    """The search loop's ``run_stream`` for an ``evaluate_stream`` flow (with its task runner)."""
+
+    def run_stream(next_request, on_result) -> None:
+        _STREAMS[session_id] = (next_request, on_result)
+        try:
+            evaluate_stream_flow(slots_of(), session_id)
+        finally:
+            _STREAMS.pop(session_id, None)
+
+    return run_stream

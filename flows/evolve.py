@@ -23,6 +23,7 @@ from evomerge.core.records import CandidateRequest
 from evomerge.core.run_spec import RunSpec
 from evomerge.final_model import save_final_model
 from evomerge.flows.evaluate import evaluate as evaluate_flow
+from evomerge.flows.evaluate import evaluate_stream, stream_runner
 from evomerge.search_loop import Phase, run_search_loop
 from evomerge.search_session import SearchSession
 from evomerge.terminal_progress import TerminalProgress
@@ -61,6 +62,7 @@ def run_search(spec: RunSpec) -> dict[str, Any]:
         session = SearchSession(spec, store)
         try:
             evaluate_on_ray = evaluate_flow.with_options(task_runner=RayTaskRunner(address=spec.options.ray_address))
+            stream_on_ray = evaluate_stream.with_options(task_runner=RayTaskRunner(address=spec.options.ray_address))
             # Who hears of each evaluated generation: Prefect artifacts, the terminal, wandb.
             observers = [CheckpointPublisher(session), TerminalProgress(session)]
             if spec.options.wandb:
@@ -74,7 +76,8 @@ def run_search(spec: RunSpec) -> dict[str, Any]:
                 def run_batch(phase: Phase, requests: list[CandidateRequest]) -> None:
                     evaluate_on_ray(phase, requests, slots.refs(), session.id)
 
-                run_search_loop(session, run_batch, observers, logger)
+                run_stream = stream_runner(stream_on_ray, slots.refs, session.id)
+                run_search_loop(session, run_batch, observers, logger, run_stream)
             if not session.paused and spec.options.save_final_model and (final := save_final_model(session)):
                 logger.info("best merge saved in %s", final)
             return session.summary()

@@ -57,6 +57,19 @@ def test_the_run_spends_exactly_its_budget_and_reports_it(finished_run):
     assert "Prefect UI at http://127.0.0.1:" in finished_run["result"].stdout
 
 
+def test_the_summary_says_how_busy_the_run_kept_its_slots(finished_run):
+    """slot-busy / (slots x search wall), recomputed here from the records' own timings."""
+    summary = json.loads((finished_run["storage"] / "summary.json").read_text())
+    records = read_records(finished_run["storage"])
+    start = min(r["finished_at"] - r["timings"]["round_trip"] for r in records)
+    wall = max(r["finished_at"] for r in records) - start
+    busy = sum(r["timings"]["total"] for r in records)
+    slots = {r["slot"] for r in records}
+    assert slots == {"slot-0", "slot-1"}
+    assert summary["slot_utilization"] == pytest.approx(busy / (2 * wall))
+    assert 0 < summary["slot_utilization"] < 1, "a synchronous run idles its slots at generation ends"
+
+
 def test_every_record_holds_what_a_user_needs(finished_run):
     records = read_records(finished_run["storage"])
     for r in records:

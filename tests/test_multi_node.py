@@ -162,3 +162,44 @@ def test_a_cluster_started_with_ray_start_head_is_joined_and_left_running(
     )
     assert nodes.returncode == 0, nodes.stderr[-2000:]
     assert {r["eval_node_id"] for r in records} <= set(json.loads(nodes.stdout.strip().splitlines()[-1]))
+
+
+@pytest.mark.parametrize("strategy", ["pool", "serial", "buffered"])
+def test_barrier_free_every_strategy_on_two_nodes_keeps_slots_busy_across_generations(
+    ray_cluster, tiny_models, tmp_path, prefect_api, strategy
+):
+    """--barrier-free: while generation 0's last candidate runs, the idle slot takes one of
+    generation 1, drawn ahead; the budget holds; every record was told (checkpoint keys)."""
+    import json
+
+    config = write_config(tmp_path / "config.yml", tiny_models)
+    storage = tmp_path / "run"
+    extra = ("--in-memory",) if strategy == "pool" else ("--strategy", strategy)
+    result = run_evomerge(
+        config,
+        storage,
+        "--max-fevals",
+        "6",
+        "--popsize",
+        "4",
+        "--seed",
+        "2",
+        "--no-baselines",
+        "--barrier-free",
+        "--ray-address",
+        ray_cluster.address,
+        *extra,
+        env=shared_env(prefect_api),
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    records = read_records(storage)
+    assert len(records) == 6 and all(r["status"] == "ok" for r in records), [r["error"] for r in records]
+    assert {r["eval_node_id"] for r in records} == ray_cluster.node_ids
+    assert all(r["merge_node_id"] == r["eval_node_id"] for r in records), "merged where evaluated"
+    first = json.loads((storage / "checkpoints" / "00000.json").read_text())
+    assert first["ahead"] >= 1, "a slot took a candidate of generation 1 before generation 0 was told"
+    ahead = [r for r in records if r["generation"] == 1 and r["index"] < first["ahead"]]
+    gen0_told_at = max(r["finished_at"] for r in records if r["generation"] == 0)
+    assert any(r["finished_at"] - r["timings"]["round_trip"] < gen0_told_at for r in ahead)
+    summary = json.loads((storage / "summary.json").read_text())
+    assert summary["evaluations"] == 6 and 0 < summary["slot_utilization"] <= 1

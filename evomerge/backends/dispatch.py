@@ -74,7 +74,7 @@ def dispatch_stream(
 
 
 def dispatch_pipelined(
-    requests: Sequence[Any],
+    requests: Sequence[Any] | Callable[[], Any | None],
     slots: Sequence[Any],
     submit_merge: Callable[[Any, Any], Any],
     submit_evaluate: Callable[[Any, Any, Any], Any],
@@ -93,10 +93,25 @@ def dispatch_pipelined(
     ``submit_merge(request, slot)`` and ``submit_evaluate(request, slot, merged)`` return
     futures; ``on_result(request, outcome, seconds)`` gets the seconds from the start of the
     merge to the result; a future that raises becomes ``on_error(request, exception)``.
+    ``requests`` may be a ``next_request`` callable, as for ``dispatch_stream``.
     """
     if not slots:
         raise ValueError("no evaluation slots")
-    pending = deque(requests)
+    if callable(requests):
+        next_request = requests
+    else:
+        queued = deque(requests)
+
+        def next_request():
+            return queued.popleft() if queued else None
+
+    pending: deque = deque()  # taken from next_request, not yet given to a slot
+
+    def take() -> bool:
+        if not pending and (request := next_request()) is not None:
+            pending.append(request)
+        return bool(pending)
+
     merged_ready: dict[Any, deque] = {slot: deque() for slot in slots}
     merging = dict.fromkeys(slots, 0)
     evaluating = dict.fromkeys(slots, False)
@@ -105,7 +120,7 @@ def dispatch_pipelined(
 
     def fill(slot, ahead: int) -> None:
         capacity = ahead + (0 if evaluating[slot] else 1)
-        while pending and merging[slot] + len(merged_ready[slot]) < capacity:
+        while merging[slot] + len(merged_ready[slot]) < capacity and take():
             request = pending.popleft()
             in_flight[submit_merge(request, slot)] = ("merge", request, slot, time.perf_counter())
             merging[slot] += 1

@@ -114,7 +114,12 @@ class CheckpointPublisher:
         )
         percent = progress_percent(s.evaluations, max_fevals)
         description = progress_line(
-            generation, s.evaluations, max_fevals, best.score if best else None, s.elapsed_seconds
+            generation,
+            s.evaluations,
+            max_fevals,
+            best.score if best else None,
+            s.elapsed_seconds,
+            slot_utilization=s.slot_utilization,
         )
         _publish_comparison(s, f"after generation {generation}")
         _publish_plot(s, generation)

@@ -122,6 +122,13 @@ class RunOptions(BaseModel):
     worker_retries: int = Field(
         2, description="Times a candidate is retried when its slot's worker process dies under it."
     )
+    barrier_free: bool = Field(
+        False,
+        description="Never let a slot wait for the end of a generation: while a generation's last "
+        "candidates run, idle slots evaluate candidates of the next one, drawn ahead from the "
+        "current distribution (one evaluate flow run for the whole search instead of one per "
+        "generation).",
+    )
     baselines: bool = Field(
         True,
         description="Score each parent model and the uniform merge before the search (not counted in --max-fevals).",

@@ -99,14 +99,18 @@ def progress_line(
     elapsed: float,
     mean: float | None = None,
     seconds_left: float | None = None,
+    slot_utilization: float | None = None,
 ) -> str:
-    """``generation 3: 40/100 evaluations, best 1.8200, mean 1.6123, 52 s elapsed, ~78 s left``."""
+    """``generation 3: 40/100 evaluations, best 1.8200, mean 1.6123, slots 81% busy, 52 s
+    elapsed, ~78 s left``."""
     parts = [
         f"generation {generation}: {evaluations}/{max_fevals} evaluations",
         f"best fitness {'none' if best is None else f'{best:.4f}'}",
     ]
     if mean is not None:
         parts.append(f"generation mean {mean:.4f}")
+    if slot_utilization is not None:
+        parts.append(f"slots {slot_utilization:.0%} busy")
     parts.append(f"{elapsed:.0f} s elapsed")
     if seconds_left is not None:
         parts.append(f"~{seconds_left:.0f} s left")

@@ -35,6 +35,8 @@ _NOT_IN_FINGERPRINT = {
     "candidate_timeout",
     "worker_retries",
     "generations_per_run",
+    # How many vectors were drawn ahead is in each checkpoint (``ahead``): a search may switch.
+    "barrier_free",
     "baselines",
     "held_out_top",
 }

@@ -39,6 +39,7 @@ def run_summary(
     paused: bool,
     elapsed_seconds: float,
     comparison: dict[str, Any],
+    slot_utilization: float | None = None,
 ) -> dict[str, Any]:
     return {
         "storage_path": storage_path,
@@ -60,5 +61,7 @@ def run_summary(
         "finished_reason": finished_reason,
         "paused": paused,
         "elapsed_seconds": elapsed_seconds,
+        # Of this run's candidates (evomerge.core.slot_utilization); None before the first.
+        "slot_utilization": slot_utilization,
         "comparison": comparison,
     }

@@ -93,6 +93,10 @@ class Searcher(Protocol):
         """For an idle slot while the open generation's suggestions are all out: a vector of a
         coming generation, drawn now (``None``: no generation is open)."""
 
+    def held_ahead(self) -> list[tuple[int, int]]:
+        """(generation, index) of the vectors drawn ahead for generations not asked yet (after a
+        replay: drawn again, and handed out by ``ask`` with their generation)."""
+
     def tell(self, suggestion_id: int, score: float | None) -> SearchStep | None:
         """One result (``None``: the candidate failed); the step taken, if this completed one."""
 
@@ -136,6 +140,7 @@ class _DrawnAhead:
 
     suggestion: Suggestion
     sample: NDArray[np.float64]
+    handed_out: bool  # False when drawn by replay: ``ask`` hands it out with its generation
 
 
 class _Generational:
@@ -177,9 +182,16 @@ class _Generational:
         for a in ahead:
             if a.suggestion.id in self._ahead_scores:
                 self._open.tell(a.suggestion.id, self._ahead_scores.pop(a.suggestion.id))
-        return self._open.suggestions(start=len(ahead))
+        return [s for s in self._open.suggestions() if s.index >= len(ahead) or not ahead[s.index].handed_out]
 
     def ask_ahead(self) -> Suggestion | None:
+        return self._draw_one_ahead(handed_out=True)
+
+    def held_ahead(self) -> list[tuple[int, int]]:
+        """(generation, index) of each vector drawn ahead for a generation not asked yet."""
+        return [(a.suggestion.generation, a.suggestion.index) for drawn in self._ahead for a in drawn]
+
+    def _draw_one_ahead(self, handed_out: bool) -> Suggestion | None:
         if self._open is None or self.popsize < 2:
             return None
         coming = next((i for i, drawn in enumerate(self._ahead) if len(drawn) < self.popsize - 1), None)
@@ -193,7 +205,7 @@ class _Generational:
         )
         self._next_id += 1
         self._drawn_ahead += 1
-        drawn.append(_DrawnAhead(suggestion, sample))
+        drawn.append(_DrawnAhead(suggestion, sample, handed_out))
         return suggestion
 
     def tell(self, suggestion_id: int, score: float | None) -> SearchStep | None:
@@ -228,7 +240,7 @@ class _Generational:
                 f"{self.name} with this seed asks other vectors in generation {self._generation} than were stored"
             )
         for _ in range(step.ahead):  # drawn at the same point as in the run: before the step
-            self.ask_ahead()
+            self._draw_one_ahead(handed_out=False)
         buffer, self._open = self._open, None
         scores = np.asarray(step.scores_told, dtype=float)
         self._learn(buffer.vectors, scores)
@@ -308,6 +320,7 @@ class CmaEsSearcher(_Generational):
             options["popsize"] = popsize
         self._es = _pycma().CMAEvolutionStrategy(start, sigma0, options)
         self._asked_padded: NDArray[np.float64] | None = None
+        self._order: list[int] = []  # pycma's row of each vector of the open generation
 
     @property
     def popsize(self) -> int:
@@ -326,14 +339,24 @@ class CmaEsSearcher(_Generational):
         return asked if self._box is None else np.clip(asked, *self._box)
 
     def _draw(self, ahead: list[NDArray[np.float64]]) -> NDArray[np.float64]:
-        # Samples drawn ahead come back first, unchanged (force=True: pycma's tell, not ask,
-        # limits how far an injected sample may move the distribution).
+        # Samples drawn ahead go back in with pycma's inject (force=True: unchanged; pycma's tell,
+        # not ask, limits how far one may move the distribution). pycma puts its own injected
+        # directions (selective mirroring, at small populations) before them: the generation's
+        # order is the samples drawn ahead first, then the rest in pycma's order, and tell gives
+        # pycma its own order back.
         if ahead:
             self._es.inject(ahead, force=True)
         self._asked_padded = np.array(self._es.ask(), dtype=float)
-        if ahead and not np.allclose(self._asked_padded[: len(ahead)], ahead, rtol=0, atol=1e-9):
-            raise RuntimeError("pycma did not return the injected samples first (another pycma version?)")
-        return self._suggested(self._asked_padded)
+        rows = [self._row_of(sample) for sample in ahead]
+        self._order = rows + [r for r in range(len(self._asked_padded)) if r not in rows]
+        return self._suggested(self._asked_padded[self._order])
+
+    def _row_of(self, sample: NDArray[np.float64]) -> int:
+        assert self._asked_padded is not None
+        close = np.flatnonzero(np.all(np.isclose(self._asked_padded, sample, rtol=0, atol=1e-9), axis=1))
+        if close.size == 0:
+            raise RuntimeError("pycma did not return an injected sample (another pycma version?)")
+        return int(close[0])
 
     def _draw_ahead(self) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
         # pycma's documented way to sample more of a generation before its tell ("ask(1)").
@@ -342,7 +365,9 @@ class CmaEsSearcher(_Generational):
 
     def _learn(self, vectors: NDArray[np.float64], scores: NDArray[np.float64]) -> None:
         assert self._asked_padded is not None
-        self._es.tell(list(self._asked_padded), list(-scores))  # pycma minimizes
+        in_pycma_order = np.empty_like(scores)
+        in_pycma_order[self._order] = scores
+        self._es.tell(list(self._asked_padded), list(-in_pycma_order))  # pycma minimizes
         self._asked_padded = None
 
     def _step(self, generation: int, vectors: NDArray[np.float64], scores: NDArray[np.float64]) -> SearchStep:

@@ -17,24 +17,38 @@ True
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 from evomerge.core.searcher import Searcher, SearchStep, Suggestion
 
 
 class SuggestionFeed:
-    def __init__(self, searcher: Searcher, budget: int, barrier_free: bool):
+    """``on_generation_asked(generation)``: more suggestions to hand out right after the
+    generation's own (the session's: those a resumed search draws ahead again)."""
+
+    def __init__(
+        self,
+        searcher: Searcher,
+        budget: int,
+        barrier_free: bool,
+        on_generation_asked: Callable[[int], list[Suggestion]] | None = None,
+    ):
         self.searcher = searcher
         self.budget = budget  # suggestions handed out, at most
         self.barrier_free = barrier_free
         self.handed_out = 0
         self.told: list[int] = []  # suggestion ids in the order their results were told
         self._queue: deque[Suggestion] = deque()
+        self._on_generation_asked = on_generation_asked
 
     def next(self) -> Suggestion | None:
         if self.handed_out >= self.budget:
             return None
         if not self._queue:
-            self._queue.extend(self.searcher.ask())  # [] while a generation is open
+            asked = self.searcher.ask()  # [] while a generation is open
+            self._queue.extend(asked)
+            if asked and self._on_generation_asked is not None:
+                self._queue.extend(self._on_generation_asked(asked[0].generation))
         if self._queue:
             suggestion: Suggestion | None = self._queue.popleft()
         else:
