@@ -226,8 +226,11 @@ class SearchSession:
         """Barrier-free: after a generation's step (``completed``), what ``finish_batch`` does
         after a batch: the summary, and the stop when most of its new candidates failed."""
         self.write_summary()
-        new = [r for k in dict.fromkeys(keys) if (r := self.records.get(k)) is not None and r.generation == generation]
-        self._stop_if_most_failed(generation, new)
+        self._stop_if_most_failed(generation, self.new_records(generation, keys))
+
+    def new_records(self, generation: int, keys) -> list[CandidateRecord]:
+        """The records first evaluated as candidates of this generation (a key may repeat)."""
+        return [r for k in dict.fromkeys(keys) if (r := self.records.get(k)) is not None and r.generation == generation]
 
     def _stop_if_most_failed(self, generation: int, new: list[CandidateRecord]) -> None:
         failed = [r for r in new if r.status == "failed"]

@@ -203,3 +203,20 @@ def test_barrier_free_every_strategy_on_two_nodes_keeps_slots_busy_across_genera
     assert any(r["finished_at"] - r["timings"]["round_trip"] < gen0_told_at for r in ahead)
     summary = json.loads((storage / "summary.json").read_text())
     assert summary["evaluations"] == 6 and 0 < summary["slot_utilization"] <= 1
+    # One flow run for the generations; each told generation's table is still published.
+    import httpx
+
+    fingerprint = json.loads((storage / "run.json").read_text())["fingerprint"]
+    with httpx.Client(base_url=prefect_api, timeout=30) as client:
+        (evolve_run,) = client.post(
+            "/flow_runs/filter", json={"flow_runs": {"name": {"any_": [f"evolve-{storage}"]}}}
+        ).json()
+        subflows = client.post(
+            "/flow_runs/filter", json={"flow_runs": {"parent_flow_run_id": {"any_": [evolve_run["id"]]}}}
+        ).json()
+        tables = client.post(
+            "/artifacts/filter", json={"artifacts": {"key": {"any_": [f"evomerge-{fingerprint}-candidates"]}}}
+        ).json()
+    assert evolve_run["state_type"] == "COMPLETED"
+    assert [r["name"] for r in subflows] == ["generations"]
+    assert tables, "each told generation's candidates table"

@@ -24,6 +24,7 @@ from evomerge.core.run_report import (
     progress_line,
     progress_percent,
 )
+from evomerge.search_loop import Phase
 
 log = logging.getLogger("evomerge")
 
@@ -104,6 +105,8 @@ class CheckpointPublisher:
         fingerprint = s.spec.fingerprint()
         max_fevals = s.spec.options.max_fevals
         best = s.best
+        if s.spec.options.barrier_free:  # no subflow run per generation to put its table on
+            publish_batch(s, Phase("generation", generation), s.new_records(generation, keys))
         _best_effort(
             create_markdown_artifact,
             markdown=best_config_markdown(
