@@ -164,7 +164,7 @@ def test_a_cluster_started_with_ray_start_head_is_joined_and_left_running(
     assert {r["eval_node_id"] for r in records} <= set(json.loads(nodes.stdout.strip().splitlines()[-1]))
 
 
-@pytest.mark.parametrize("strategy", ["pool", "serial", "buffered"])
+@pytest.mark.parametrize("strategy", ["pool-in-memory", "pool", "serial", "buffered"])
 def test_barrier_free_every_strategy_on_two_nodes_keeps_slots_busy_across_generations(
     ray_cluster, tiny_models, tmp_path, prefect_api, strategy
 ):
@@ -174,7 +174,7 @@ def test_barrier_free_every_strategy_on_two_nodes_keeps_slots_busy_across_genera
 
     config = write_config(tmp_path / "config.yml", tiny_models)
     storage = tmp_path / "run"
-    extra = ("--in-memory",) if strategy == "pool" else ("--strategy", strategy)
+    extra = ("--in-memory",) if strategy == "pool-in-memory" else ("--strategy", strategy)
     result = run_evomerge(
         config,
         storage,
