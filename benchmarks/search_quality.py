@@ -16,10 +16,9 @@ Every system gets the same ``mergekit-evolve`` config, unchanged:
 - ``random``: the same loop with ``--searcher random``;
 - ``evomerge-barrier-free-4`` and ``-8``: the default searcher without the generation barrier,
   told results in the order 4 (8) slots would return them (durations lognormal, sigma 0.25, on a
-  simulated clock; seeded), an idle slot taking a vector drawn ahead. Driven at the searcher
-  level (``SuggestionFeed`` and ``dispatch_stream``, as ``benchmarks/slot_utilization.py``;
-  ``--barrier-free`` runs the same searcher through the same feed); a merge scored before is
-  told its score at once and not counted, as the search loop does;
+  simulated clock; seeded), an idle slot taking a vector drawn ahead: the search loop with
+  ``--barrier-free`` and a stream runner whose slots are simulated (each candidate is scored
+  when a slot takes it; its result is delivered when its simulated duration has passed);
 - ``upstream``: ``mergekit-evolve`` of mergekit 0.1.4 in its own virtual environment, built on
   first use (``benchmarks/planted/upstream.py``), on a local Ray with one fake GPU.
 
@@ -58,10 +57,12 @@ SYSTEM_OPTIONS: dict[str, dict] = {
     "evomerge": {},  # the default: cma-es-box
     "evomerge-cma-es": {"searcher": "cma-es"},  # 0.2's default (upstream's search, in evomerge)
     "random": {"searcher": "random"},
+    "evomerge-barrier-free-4": {"barrier_free": True},
+    "evomerge-barrier-free-8": {"barrier_free": True},
 }
-# Barrier-free: simulated slots per system.
+# Barrier-free: slots simulated per system (the order results come back in).
 BARRIER_FREE_SLOTS = {"evomerge-barrier-free-4": 4, "evomerge-barrier-free-8": 8}
-SYSTEMS = (*SYSTEM_OPTIONS, *BARRIER_FREE_SLOTS, "upstream")
+SYSTEMS = (*SYSTEM_OPTIONS, "upstream")
 
 
 # --- evomerge and random, in worker processes ------------------------------------------------------
@@ -114,8 +115,12 @@ def run_evomerge(job: tuple[str, str, int, int, str]) -> dict:
         def finish(self) -> None:
             pass
 
-    run_search_loop(session, inline_runner(session, worker.run), [StepSizes()])  # type: ignore[attr-defined]
-    records = sorted(session.records.values(), key=lambda r: (r.generation, r.index))
+    submitted: list[str] = []  # keys in the order evaluations were started
+    stream = _simulated_slots(worker.run, BARRIER_FREE_SLOTS.get(system, 1), seed, submitted)  # type: ignore[attr-defined]
+    run_search_loop(session, inline_runner(session, worker.run), [StepSizes()], run_stream=stream)  # type: ignore[attr-defined]
+    if not submitted:  # synchronous: evaluated in the order asked
+        submitted = [r.key for r in sorted(session.records.values(), key=lambda r: (r.generation, r.index))]
+    records = [session.records[k] for k in submitted]
     session.close()
     return {
         "scores": [r.score if r.status == "ok" else None for r in records],
@@ -124,59 +129,31 @@ def run_evomerge(job: tuple[str, str, int, int, str]) -> dict:
     }
 
 
-def run_barrier_free(job: tuple[str, str, int, int, str]) -> dict:
-    """The default searcher without the generation barrier, on simulated slots (see the module
-    docstring): every evaluation's score in the order the slots took them."""
+def _simulated_slots(evaluate, slots: int, seed: int, submitted: list[str]):
+    """``--barrier-free``'s stream runner with ``slots`` slots on a simulated clock: each
+    candidate is scored when a slot takes it and its result delivered when its simulated duration
+    (``slot_utilization.sample_durations``, seeded) has passed, so results arrive out of order."""
+    import numpy as np
+
     from evomerge.backends.dispatch import dispatch_stream
-    from evomerge.backends.prepare import build_options, prepare_run
-    from evomerge.core.batch_plan import plan_batch
-    from evomerge.core.records import CandidateRecord
-    from evomerge.core.suggestion_feed import SuggestionFeed
-    from evomerge.search_session import make_searcher
 
     sys.path.insert(0, str(HERE))
     from slot_utilization import SimClock, sample_durations
 
-    system, problem, seed, budget, root = job
-    config = Path(root) / "configs" / f"{problem}.yml"
-    worker = _worker(config, Path(root))
-    options = build_options(
-        in_memory=True, seed=seed, max_fevals=budget, task_search_path=[str(Path(root) / "tasks")], baselines=False
-    )
-    spec = prepare_run(str(config), tempfile.mkdtemp(prefix=f"quality-{system}-"), options, check_task_names=False)
-    space, tasks = spec.search_space(), spec.evaluation.tasks
-    feed = SuggestionFeed(make_searcher(spec), budget, barrier_free=True)
-    clock, rng = SimClock(), __import__("numpy").random.default_rng([seed, 7])
-    known: dict[str, float | None] = {}
-    scores: list[float | None] = []
-    started = time.perf_counter()
+    def run_stream(next_request, on_result) -> None:
+        clock, rng, outcomes = SimClock(), np.random.default_rng([seed, 7]), {}
 
-    def request_for(suggestion):
-        return plan_batch(space, spec.evaluation, [suggestion], {}, 1).to_evaluate[0]
+        def submit(request, slot):
+            submitted.append(request.key)
+            outcomes[request.key] = evaluate(request)
+            return clock.submit(float(sample_durations(rng, 1)[0]), slot)
 
-    def next_request():
-        while (suggestion := feed.next()) is not None:
-            request = request_for(suggestion)
-            if request.key not in known:  # (scored when submitted: the clock is simulated)
-                return suggestion, request
-            feed.tell_known(suggestion.id, known[request.key])
-        return None
+        def delivered(request, duration, seconds):
+            return on_result(request, outcomes.pop(request.key), duration)
 
-    def submit(item, slot):
-        suggestion, request = item
-        record = CandidateRecord.from_outcome(request, worker.run(request), tasks, {}, 0.0, 0.0)  # type: ignore[attr-defined]
-        score = record.score if record.status == "ok" else None
-        known[request.key] = score
-        scores.append(score)
-        return clock.submit(float(sample_durations(rng, 1)[0]), (slot, suggestion.id, score))
+        dispatch_stream(next_request, list(range(slots)), submit, clock.wait_first, delivered, _raise)
 
-    def result(item, outcome, seconds):
-        suggestion, request = item
-        feed.tell(suggestion.id, known[request.key])
-        return seconds
-
-    dispatch_stream(next_request, list(range(BARRIER_FREE_SLOTS[system])), submit, clock.wait_first, result, _raise)
-    return {"scores": scores, "sigmas": [], "seconds": time.perf_counter() - started, "told": feed.told}
+    return run_stream
 
 
 def _raise(request, exc: Exception):
@@ -306,7 +283,7 @@ def main() -> None:
 def _run_and_keep(item: tuple[tuple[str, str, int, int, str], str]) -> str:
     job, results = item
     system, problem, seed, _, _ = job
-    outcome = run_barrier_free(job) if system in BARRIER_FREE_SLOTS else run_evomerge(job)
+    outcome = run_evomerge(job)
     path = Path(results) / system / problem / f"{seed}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(outcome))

@@ -59,9 +59,3 @@ class SuggestionFeed:
     def tell(self, suggestion_id: int, score: float | None) -> SearchStep | None:
         self.told.append(suggestion_id)
         return self.searcher.tell(suggestion_id, score)
-
-    def tell_known(self, suggestion_id: int, score: float | None) -> SearchStep | None:
-        """A suggestion whose merge was scored already: told at once, and not counted against
-        the budget (no slot evaluates it)."""
-        self.handed_out -= 1
-        return self.tell(suggestion_id, score)
