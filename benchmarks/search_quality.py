@@ -135,7 +135,7 @@ def _simulated_slots(evaluate, slots: int, seed: int, submitted: list[str]):
     (``slot_utilization.sample_durations``, seeded) has passed, so results arrive out of order."""
     import numpy as np
 
-    from evomerge.backends.dispatch import dispatch_stream
+    from evomerge.backends.dispatch import dispatch_to_slots
 
     sys.path.insert(0, str(HERE))
     from slot_utilization import SimClock, sample_durations
@@ -151,7 +151,7 @@ def _simulated_slots(evaluate, slots: int, seed: int, submitted: list[str]):
         def delivered(request, duration, seconds):
             return on_result(request, outcomes.pop(request.key), duration)
 
-        dispatch_stream(next_request, list(range(slots)), submit, clock.wait_first, delivered, _raise)
+        dispatch_to_slots(next_request, list(range(slots)), submit, clock.wait_first, delivered, _raise)
 
     return run_stream
 

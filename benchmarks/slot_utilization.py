@@ -5,7 +5,7 @@
     python benchmarks/slot_utilization.py --records runs/demo  # a run's own round trips
 
 ``--searcher`` runs evomerge's CMA-ES (cma-es-box) through ``SuggestionFeed`` and the real
-``dispatch_stream`` on the simulated clock, told a quadratic's value as each candidate finishes:
+``dispatch_to_slots`` on the simulated clock, told a quadratic's value as each candidate finishes:
 synchronous (a generation is asked when the last one is told) against barrier-free (an idle slot
 takes a vector drawn ahead for the next generation), same durations model, same budget.
 
@@ -41,7 +41,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from evomerge.backends.dispatch import dispatch_stream, dispatch_to_slots
+from evomerge.backends.dispatch import dispatch_to_slots
 
 
 class Span(NamedTuple):
@@ -190,7 +190,7 @@ def searcher_utilization(args: argparse.Namespace, slots: int, popsize: int, bar
         feed.tell(suggestion.id, -float(((np.asarray(suggestion.vector) - 0.3) ** 2).sum()))
         return seconds
 
-    taken = dispatch_stream(
+    taken = dispatch_to_slots(
         feed.next, list(range(slots)), lambda s, slot: clock.submit(duration(), slot), clock.wait_first, told, _reraise
     )
     return float(sum(taken)) / (slots * clock.now)

@@ -27,7 +27,7 @@ from evomerge.backends.run_store import RunStore
 from evomerge.core.batch_plan import BatchPlan, best_record, plan_batch
 from evomerge.core.checkpoint import GenerationCheckpoint
 from evomerge.core.fitness import MissingMetricError, too_many_failures
-from evomerge.core.records import CandidateRecord, CandidateRequest, EvaluationOutcome, candidate_key
+from evomerge.core.records import CandidateRecord, CandidateRequest, EvaluationOutcome
 from evomerge.core.references import baseline_requests, held_out_requests, top_candidates
 from evomerge.core.run_report import ComparisonRow, comparison_for, comparison_summary
 from evomerge.core.run_spec import RunSpec
@@ -175,12 +175,7 @@ class SearchSession:
         suggestions = self.searcher.ask()
         if not suggestions:
             raise RuntimeError(f"the {self.searcher.name} searcher asked nothing while no batch was open")
-        if not all(np.all(np.isfinite(s.vector)) for s in suggestions):
-            raise RunStoppedError(
-                f"the {self.searcher.name} searcher asked a vector with NaN or infinity in generation "
-                f"{suggestions[0].generation} (its state degenerated); the records and the best config "
-                "so far are kept"
-            )
+        self._check_finite(suggestions)
         plan = plan_batch(self.space, self.settings, suggestions, self.records, self.budget_left)
         self._open, self._untold = plan, {}
         self._keys[plan.generation] = dict(enumerate(plan.keys))
@@ -191,6 +186,14 @@ class SearchSession:
             else:
                 self._untold[key] = ids
         return plan
+
+    def _check_finite(self, suggestions: list[Suggestion]) -> None:
+        if not all(np.all(np.isfinite(s.vector)) for s in suggestions):
+            raise RunStoppedError(
+                f"the {self.searcher.name} searcher asked a vector with NaN or infinity in generation "
+                f"{suggestions[0].generation} (its state degenerated); the records and the best config "
+                "so far are kept"
+            )
 
     def _tell(self, suggestion_id: int, record: CandidateRecord) -> None:
         step = self.searcher.tell(suggestion_id, record.score if record.status == "ok" else None)
@@ -252,14 +255,9 @@ class SearchSession:
             suggestion = self._feed.next()
             if suggestion is None:
                 return None
-            if not np.all(np.isfinite(suggestion.vector)):
-                raise RunStoppedError(
-                    f"the {self.searcher.name} searcher asked a vector with NaN or infinity in generation "
-                    f"{suggestion.generation} (its state degenerated); the records and the best config "
-                    "so far are kept"
-                )
-            merge_config = self.space.decode(suggestion.vector)
-            key = candidate_key(merge_config, self.settings)
+            self._check_finite([suggestion])
+            plan = plan_batch(self.space, self.settings, [suggestion], self.records.keys() | self._untold.keys(), 1)
+            (key,) = plan.keys
             self._keys.setdefault(suggestion.generation, {})[suggestion.index] = key
             if key in self.records:
                 self._tell(suggestion.id, self.records[key])
@@ -267,13 +265,7 @@ class SearchSession:
                 self._untold[key].append(suggestion.id)
             else:
                 self._untold[key] = [suggestion.id]
-                return CandidateRequest(
-                    key=key,
-                    generation=suggestion.generation,
-                    index=suggestion.index,
-                    vector=list(suggestion.vector),
-                    merge_config=merge_config,
-                )
+                return plan.to_evaluate[0]
         return None
 
     def stream_stalled(self) -> str:

@@ -23,7 +23,7 @@ from typing import Any
 from prefect import flow, tags
 from prefect_ray.context import remote_options
 
-from evomerge.backends.dispatch import dispatch_pipelined, dispatch_stream, dispatch_to_slots, wait_for_first
+from evomerge.backends.dispatch import dispatch_pipelined, dispatch_to_slots, wait_for_first
 from evomerge.backends.prefect_artifacts import publish_batch
 from evomerge.backends.slot_pool import CandidatePolicy, SlotRef
 from evomerge.core.records import CandidateRequest, EvaluationOutcome, error_summary
@@ -89,9 +89,8 @@ def dispatch(
             with _placed("pool", slot):
                 return merge_and_evaluate.with_options(task_run_name=f"candidate-{name}").submit(request, slot, policy)
 
-        run = dispatch_stream if callable(requests) else dispatch_to_slots
-        return run(
-            requests,  # type: ignore[arg-type]
+        return dispatch_to_slots(
+            requests,
             slots,
             submit=submit,
             wait_first=wait_for_first,

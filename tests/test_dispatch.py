@@ -144,9 +144,9 @@ def test_a_crashed_merge_task_is_one_failed_candidate():
 
 
 def test_a_stream_asks_for_work_whenever_a_slot_is_free_and_again_after_each_result():
-    """dispatch_stream: ``None`` means nothing now; a result can make work (a generation told
+    """dispatch_to_slots: ``None`` means nothing now; a result can make work (a generation told
     opens the next), which the free slots then take."""
-    from evomerge.backends.dispatch import dispatch_stream
+    from evomerge.backends.dispatch import dispatch_to_slots
 
     made = iter(["a", "b"])
     unlocked = []  # "c" exists only once "a" is back
@@ -169,7 +169,7 @@ def test_a_stream_asks_for_work_whenever_a_slot_is_free_and_again_after_each_res
         clock["now"] = first.finish_at
         return first
 
-    results = dispatch_stream(
+    results = dispatch_to_slots(
         next_request,
         ["s0", "s1", "s2"],
         lambda r, s: FakeFuture(r, s, clock["now"] + {"a": 1, "b": 5, "c": 1}[r]),

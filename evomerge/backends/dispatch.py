@@ -15,7 +15,7 @@ R = TypeVar("R")
 
 
 def dispatch_to_slots(
-    requests: Sequence[Any],
+    requests: Sequence[Any] | Callable[[], Any | None],
     slots: Sequence[Any],
     submit: Callable[[Any, Any], Any],
     wait_first: Callable[[list[Any]], Any],
@@ -29,25 +29,13 @@ def dispatch_to_slots(
     from submission to result (its exceptions stop the dispatch, with the futures still in
     flight cancelled). A future that raises (its task crashed, not the candidate failed) becomes
     the outcome ``on_error(request, exception)``: one broken task is one failed candidate.
+
+    ``requests`` may be a ``next_request`` callable, for requests made while others run
+    (``--barrier-free``): each free slot calls it and runs what it returns; ``None`` means nothing
+    now (it is asked again after the next result, which may have made work: a completed
+    generation opens the next). The dispatch ends when nothing runs and nothing is left to run.
     """
-    pending = deque(requests)
-    return dispatch_stream(
-        lambda: pending.popleft() if pending else None, slots, submit, wait_first, on_result, on_error
-    )
-
-
-def dispatch_stream(
-    next_request: Callable[[], Any | None],
-    slots: Sequence[Any],
-    submit: Callable[[Any, Any], Any],
-    wait_first: Callable[[list[Any]], Any],
-    on_result: Callable[[Any, Any, float], R],
-    on_error: Callable[[Any, Exception], Any],
-) -> list[R]:
-    """``dispatch_to_slots`` for requests that are made while others run: each free slot calls
-    ``next_request()`` and runs what it returns; ``None`` means nothing now (it is asked again
-    after the next result, which may have made work: a completed generation opens the next).
-    Ends when nothing runs and nothing is left to run."""
+    next_request = _puller(requests)
     if not slots:
         raise ValueError("no evaluation slots")
     free = deque(slots)
@@ -93,18 +81,11 @@ def dispatch_pipelined(
     ``submit_merge(request, slot)`` and ``submit_evaluate(request, slot, merged)`` return
     futures; ``on_result(request, outcome, seconds)`` gets the seconds from the start of the
     merge to the result; a future that raises becomes ``on_error(request, exception)``.
-    ``requests`` may be a ``next_request`` callable, as for ``dispatch_stream``.
+    ``requests`` may be a ``next_request`` callable, as for ``dispatch_to_slots``.
     """
     if not slots:
         raise ValueError("no evaluation slots")
-    if callable(requests):
-        next_request = requests
-    else:
-        queued = deque(requests)
-
-        def next_request():
-            return queued.popleft() if queued else None
-
+    next_request = _puller(requests)
     pending: deque = deque()  # taken from next_request, not yet given to a slot
 
     def take() -> bool:
@@ -156,6 +137,14 @@ def dispatch_pipelined(
         for future in in_flight:
             _cancel(future)
     return results
+
+
+def _puller(requests: Sequence[Any] | Callable[[], Any | None]) -> Callable[[], Any | None]:
+    """``requests`` as a ``next_request`` callable (a sequence is handed out in order)."""
+    if callable(requests):
+        return requests
+    queued = deque(requests)
+    return lambda: queued.popleft() if queued else None
 
 
 def wait_for_first(futures: list[Any]) -> Any:

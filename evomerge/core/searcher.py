@@ -114,10 +114,9 @@ class _GenerationBuffer:
         self.scores: list[float | None] = [None] * len(vectors)
         self.told = [False] * len(vectors)
 
-    def suggestions(self, start: int = 0) -> list[Suggestion]:
+    def suggestions(self) -> list[Suggestion]:
         return [
-            Suggestion(self.ids[i], self.generation, i, tuple(float(v) for v in self.vectors[i]))
-            for i in range(start, len(self.vectors))
+            Suggestion(self.ids[i], self.generation, i, tuple(float(v) for v in x)) for i, x in enumerate(self.vectors)
         ]
 
     def tell(self, suggestion_id: int, score: float | None) -> bool:
