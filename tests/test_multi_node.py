@@ -13,18 +13,25 @@ from conftest import read_records, run_evomerge, shared_env, write_config
 pytestmark = pytest.mark.integration
 
 
-def run_on_two_nodes(cluster, config, storage, env, *extra):
-    # Baselines off: the search's placement is what these runs check.
+def run_on_two_nodes(cluster, config, storage, env, *extra, baselines=False):
+    """A --barrier-free search of 6 on the two nodes: every record ok, both nodes and both slots
+    used, each candidate merged where it was evaluated, and a slot started a candidate of
+    generation 1 before generation 0 was told (checkpoint ``ahead``). With ``baselines``, the
+    parents and the uniform merge are scored first, a batch of the synchronous ``evaluate`` flow,
+    and are placed the same way."""
+    import json
+
     result = run_evomerge(
         config,
         storage,
         "--max-fevals",
-        "8",
+        "6",
         "--popsize",
         "4",
         "--seed",
         "2",
-        "--no-baselines",
+        *(() if baselines else ("--no-baselines",)),
+        "--barrier-free",
         "--ray-address",
         cluster.address,
         *extra,
@@ -32,14 +39,49 @@ def run_on_two_nodes(cluster, config, storage, env, *extra):
     )
     assert result.returncode == 0, result.stderr[-4000:]
     records = read_records(storage)
-    assert len(records) == 8 and all(r["status"] == "ok" for r in records), [r["error"] for r in records]
+    assert len(records) == 6 and all(r["status"] == "ok" for r in records), [r["error"] for r in records]
     assert {r["eval_node_id"] for r in records} == cluster.node_ids, "both nodes evaluated candidates"
-    assert all(r["merge_node_id"] == r["eval_node_id"] for r in records), "merged where evaluated"
+    scored_first = read_records(storage, "baselines")
+    assert len(scored_first) == (
+        4 if baselines else 0
+    )  # 3 parents (base too), 1 uniform and all(r["status"] == "ok" for r in scored_first)
+    assert all(r["merge_node_id"] == r["eval_node_id"] for r in records + scored_first), "merged where evaluated"
     by_slot = {}
-    for r in records:
+    for r in records + scored_first:
         by_slot.setdefault(r["slot"], set()).add(r["eval_node_id"])
     assert set(by_slot) == {"slot-0", "slot-1"} and all(len(n) == 1 for n in by_slot.values())
+    first = json.loads((storage / "checkpoints" / "00000.json").read_text())
+    assert first["ahead"] >= 1, "a slot took a candidate of generation 1 before generation 0 was told"
+    ahead = [r for r in records if r["generation"] == 1 and r["index"] < first["ahead"]]
+    gen0_told_at = max(r["finished_at"] for r in records if r["generation"] == 0)
+    assert any(r["finished_at"] - r["timings"]["round_trip"] < gen0_told_at for r in ahead)
+    summary = json.loads((storage / "summary.json").read_text())
+    assert summary["evaluations"] == 6 and 0 < summary["slot_utilization"] <= 1
+    assert_one_generations_subflow_with_tables(storage, env["PREFECT_API_URL"], baselines)
     return records
+
+
+def assert_one_generations_subflow_with_tables(storage, prefect_api, baselines):
+    """One flow run for the generations (after the baselines' own batch, if scored); each told
+    generation's table is still published."""
+    import json
+
+    import httpx
+
+    fingerprint = json.loads((storage / "run.json").read_text())["fingerprint"]
+    with httpx.Client(base_url=prefect_api, timeout=30) as client:
+        (evolve_run,) = client.post(
+            "/flow_runs/filter", json={"flow_runs": {"name": {"any_": [f"evolve-{storage}"]}}}
+        ).json()
+        subflows = client.post(
+            "/flow_runs/filter", json={"flow_runs": {"parent_flow_run_id": {"any_": [evolve_run["id"]]}}}
+        ).json()
+        tables = client.post(
+            "/artifacts/filter", json={"artifacts": {"key": {"any_": [f"evomerge-{fingerprint}-candidates"]}}}
+        ).json()
+    assert evolve_run["state_type"] == "COMPLETED"
+    assert sorted(r["name"] for r in subflows) == (["baselines"] if baselines else []) + ["generations"]
+    assert tables, "each told generation's candidates table"
 
 
 @pytest.fixture(scope="module")
@@ -49,20 +91,34 @@ def in_memory_pool_run(ray_cluster, tiny_models, tmp_path_factory, prefect_api):
     config = write_config(tmp / "config.yml", tiny_models)
     records = run_on_two_nodes(ray_cluster, config, tmp / "run", shared_env(prefect_api), "--in-memory")
     assert all(r["timings"]["load"] == 0.0 for r in records), "in memory: nothing loaded per candidate"
-    return config, {r["key"]: r["score"] for r in records}
+    return config, records
 
 
-# The on-disk pool strategy on these two nodes: every other CLI test of the session joins them.
-@pytest.mark.parametrize("strategy", ["serial", "buffered"])
-def test_every_strategy_on_disk_uses_every_slot_keeps_candidates_on_one_node_and_scores_like_in_memory(
+# Every strategy, each without the generation barrier (the synchronous pool strategy runs on
+# these two nodes in every other CLI test of the session, which joins them).
+@pytest.mark.parametrize("strategy", ["pool", "serial", "buffered"])
+def test_every_strategy_on_disk_uses_both_nodes_without_a_barrier_and_scores_like_in_memory(
     ray_cluster, in_memory_pool_run, tmp_path, prefect_api, strategy
 ):
-    config, in_memory_scores = in_memory_pool_run
-    records = run_on_two_nodes(ray_cluster, config, tmp_path / "run", shared_env(prefect_api), "--strategy", strategy)
+    config, in_memory = in_memory_pool_run
+    # serial and buffered also score the baselines: the synchronous flow of their strategy.
+    records = run_on_two_nodes(
+        ray_cluster,
+        config,
+        tmp_path / "run",
+        shared_env(prefect_api),
+        "--strategy",
+        strategy,
+        baselines=strategy != "pool",
+    )
     assert all(r["timings"]["merge"] > 0 and r["timings"]["load"] > 0 for r in records)
     # task_arithmetic is deterministic and the in-memory merge is mergekit's own: the same seed
-    # reaches the same candidates and scores.
-    assert {r["key"]: r["score"] for r in records} == in_memory_scores
+    # asks the same generation 0 (and the same first vectors drawn ahead; later ones depend on
+    # when results arrived), and a candidate asked by both scores the same.
+    scores, in_memory_scores = ({r["key"]: r["score"] for r in rs} for rs in (records, in_memory))
+    common = scores.keys() & in_memory_scores.keys()
+    assert {r["key"] for r in records if r["generation"] == 0} <= common
+    assert {k: scores[k] for k in common} == {k: in_memory_scores[k] for k in common}
 
 
 @pytest.fixture(scope="module")
@@ -162,61 +218,3 @@ def test_a_cluster_started_with_ray_start_head_is_joined_and_left_running(
     )
     assert nodes.returncode == 0, nodes.stderr[-2000:]
     assert {r["eval_node_id"] for r in records} <= set(json.loads(nodes.stdout.strip().splitlines()[-1]))
-
-
-@pytest.mark.parametrize("strategy", ["pool-in-memory", "pool", "serial", "buffered"])
-def test_barrier_free_every_strategy_on_two_nodes_keeps_slots_busy_across_generations(
-    ray_cluster, tiny_models, tmp_path, prefect_api, strategy
-):
-    """--barrier-free: while generation 0's last candidate runs, the idle slot takes one of
-    generation 1, drawn ahead; the budget holds; every record was told (checkpoint keys)."""
-    import json
-
-    config = write_config(tmp_path / "config.yml", tiny_models)
-    storage = tmp_path / "run"
-    extra = ("--in-memory",) if strategy == "pool-in-memory" else ("--strategy", strategy)
-    result = run_evomerge(
-        config,
-        storage,
-        "--max-fevals",
-        "6",
-        "--popsize",
-        "4",
-        "--seed",
-        "2",
-        "--no-baselines",
-        "--barrier-free",
-        "--ray-address",
-        ray_cluster.address,
-        *extra,
-        env=shared_env(prefect_api),
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    records = read_records(storage)
-    assert len(records) == 6 and all(r["status"] == "ok" for r in records), [r["error"] for r in records]
-    assert {r["eval_node_id"] for r in records} == ray_cluster.node_ids
-    assert all(r["merge_node_id"] == r["eval_node_id"] for r in records), "merged where evaluated"
-    first = json.loads((storage / "checkpoints" / "00000.json").read_text())
-    assert first["ahead"] >= 1, "a slot took a candidate of generation 1 before generation 0 was told"
-    ahead = [r for r in records if r["generation"] == 1 and r["index"] < first["ahead"]]
-    gen0_told_at = max(r["finished_at"] for r in records if r["generation"] == 0)
-    assert any(r["finished_at"] - r["timings"]["round_trip"] < gen0_told_at for r in ahead)
-    summary = json.loads((storage / "summary.json").read_text())
-    assert summary["evaluations"] == 6 and 0 < summary["slot_utilization"] <= 1
-    # One flow run for the generations; each told generation's table is still published.
-    import httpx
-
-    fingerprint = json.loads((storage / "run.json").read_text())["fingerprint"]
-    with httpx.Client(base_url=prefect_api, timeout=30) as client:
-        (evolve_run,) = client.post(
-            "/flow_runs/filter", json={"flow_runs": {"name": {"any_": [f"evolve-{storage}"]}}}
-        ).json()
-        subflows = client.post(
-            "/flow_runs/filter", json={"flow_runs": {"parent_flow_run_id": {"any_": [evolve_run["id"]]}}}
-        ).json()
-        tables = client.post(
-            "/artifacts/filter", json={"artifacts": {"key": {"any_": [f"evomerge-{fingerprint}-candidates"]}}}
-        ).json()
-    assert evolve_run["state_type"] == "COMPLETED"
-    assert [r["name"] for r in subflows] == ["generations"]
-    assert tables, "each told generation's candidates table"
