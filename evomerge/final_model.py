@@ -6,6 +6,7 @@ import os
 import tempfile
 
 from evomerge.backends.merger_disk import DiskMerger
+from evomerge.backends.run_store import DamagedFileError
 from evomerge.core.storage_layout import FINAL_MODEL, FINAL_MODEL_MARKER
 from evomerge.search_session import SearchSession
 
@@ -17,8 +18,11 @@ def save_final_model(session: SearchSession) -> str | None:
     if best is None:
         return None
     store = session.store
-    marker = store.read_json(FINAL_MODEL_MARKER)
-    if marker is not None and marker.get("key") == best.key:
+    try:
+        marker = store.read_json(FINAL_MODEL_MARKER)
+    except DamagedFileError:
+        marker = None  # which candidate final_model/ holds is unknown: merged again
+    if isinstance(marker, dict) and marker.get("key") == best.key:
         return store.path(FINAL_MODEL)
     merger = DiskMerger(session.spec.options, use_cuda=False)
     target = store.local_path(FINAL_MODEL)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from evomerge.backends.run_store import RunStore
+from evomerge.backends.run_store import DamagedFileError, RunStore
 from evomerge.core.checkpoint import CorruptStateError, GenerationCheckpoint, parse_checkpoint
 from evomerge.core.searcher import ReplayMismatchError, Searcher
 from evomerge.core.storage_layout import checkpoint_name
@@ -27,11 +27,14 @@ def replay_checkpoints(
     raises CorruptStateError: following it would steer the search somewhere else.
     """
     step = 0
-    while (text := store.read_text(checkpoint_name(step))) is not None:
+    while True:
         where = store.path(checkpoint_name(step))
         try:
+            text = store.read_text(checkpoint_name(step))
+            if text is None:
+                return
             checkpoint = parse_checkpoint(text, where, fingerprint, step, searcher.name)
-        except CorruptStateError as exc:
+        except (CorruptStateError, DamagedFileError) as exc:
             on_damaged(
                 f"{exc}; resuming from the last good checkpoint "
                 f"({'none' if step == 0 else f'generation {step - 1}'}) and the records written after it"

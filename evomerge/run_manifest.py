@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from evomerge.backends.run_store import RunStore
+from evomerge.backends.run_store import DamagedFileError, RunStore
 from evomerge.core.run_spec import RunSpec
 from evomerge.core.storage_layout import RUN_MANIFEST
 
@@ -17,7 +17,17 @@ class StorageMismatchError(RuntimeError):
 def check_storage_path(spec: RunSpec, store: RunStore | None = None) -> bool:
     """Whether the storage path already holds this search; raises if it holds another one."""
     store = store or RunStore(spec.storage_path)
-    manifest = store.read_json(RUN_MANIFEST)
+    try:
+        manifest = store.read_json(RUN_MANIFEST)
+        if manifest is not None and not isinstance(manifest, dict):
+            raise DamagedFileError(f"{store.path(RUN_MANIFEST)} is damaged: it holds no JSON object")
+    except DamagedFileError as exc:
+        raise StorageMismatchError(
+            f"{exc}. This file records which search the storage path holds. Restore it from a copy, "
+            f"or delete it and run the same command again: it is written anew from this command's "
+            "settings, and the checkpoints, which carry the search's fingerprint, are replayed only "
+            "if they belong to that same search (a record is reused wherever the search asks its merge)"
+        ) from exc
     if manifest is None:
         return False
     fingerprint = spec.fingerprint()

@@ -54,7 +54,9 @@ def test_resume_rebuilds_the_optimizer_from_checkpoints_without_records(straight
     assert resumed.restore_notes == []
 
 
-@pytest.mark.parametrize("damage", ["truncated", "foreign-version", "other-search", "empty"])
+@pytest.mark.parametrize(
+    "damage", ["truncated", "garbage-bytes", "wrong-types", "not-an-object", "foreign-version", "other-search", "empty"]
+)
 def test_a_damaged_checkpoint_is_reported_and_resume_falls_back_to_the_last_good_one(straight, tmp_path, damage):
     storage, session = straight
     reference = trajectory(storage)
@@ -62,6 +64,12 @@ def test_a_damaged_checkpoint_is_reported_and_resume_falls_back_to_the_last_good
     text = target.read_text()
     if damage == "truncated":
         target.write_text(text[: len(text) // 2])
+    elif damage == "garbage-bytes":  # e.g. a disk or copy that flipped bytes: not UTF-8 at all
+        target.write_bytes(text[:100].encode() + b"\xff\xfe\x80" + text[103:].encode())
+    elif damage == "wrong-types":
+        target.write_text(text.replace('"generation": 2', '"generation": "two"'))
+    elif damage == "not-an-object":
+        target.write_text("[1, 2, 3]")
     elif damage == "foreign-version":
         target.write_text(text.replace(f'"format_version": {CHECKPOINT_FORMAT_VERSION}', '"format_version": 99'))
     elif damage == "other-search":
@@ -76,6 +84,9 @@ def test_a_damaged_checkpoint_is_reported_and_resume_falls_back_to_the_last_good
     assert str(target) in note and "last good checkpoint (generation 1)" in note
     expected_reason = {
         "truncated": "not valid JSON",
+        "garbage-bytes": "byte 100 of",
+        "wrong-types": "does not hold a valid checkpoint",
+        "not-an-object": "is not a checkpoint",
         "foreign-version": "format version 99",
         "other-search": "another search",
         "empty": "is empty",

@@ -93,6 +93,24 @@ def test_unreadable_records_are_moved_aside_and_reported_when_resuming(store):
     assert set(store.read_records()) == {good.key, truncated.key}
 
 
+@pytest.mark.parametrize(
+    "damaged",
+    [b"\xff\xfe{not utf-8", b"[1, 2, 3]", b'{"key": 5, "score": "high"}'],
+    ids=["not-utf8", "not-an-object", "wrong-types"],
+)
+def test_a_damaged_record_of_any_kind_is_quarantined_by_name(store, damaged):
+    good, damaged_key = make_record("ab" * 12), "cd" * 12
+    store.write_record(good)
+    store.fs.pipe_file(store.path("records", f"{damaged_key}.json"), damaged)
+    with pytest.raises(StorageError, match=f"record .*{damaged_key}.json cannot be read"):
+        store.read_records()
+    notes = []
+    assert list(store.read_records(on_unreadable=notes.append)) == [good.key]
+    (note,) = notes
+    assert damaged_key in note and "moved to" in note
+    assert store.list_names("quarantine/records") == [f"{damaged_key}.json"]
+
+
 def test_json_round_trip_and_missing_files(store):
     assert store.read_json("summary.json") is None
     store.write_json("summary.json", {"evaluations": 3})

@@ -134,6 +134,19 @@ def test_another_search_on_the_same_path_is_refused(tmp_path):
     SearchSession(make_spec(tmp_path, max_fevals=40, seed=1))  # a larger budget continues it
 
 
+@pytest.mark.parametrize(
+    "damaged", [b"\xff\xfe\x00", b'{"fingerprint": "ab', b"[]"], ids=["not-utf8", "truncated", "no-object"]
+)
+def test_a_damaged_run_manifest_is_named_with_the_way_forward(tmp_path, damaged):
+    run(SearchSession(make_spec(tmp_path, max_fevals=4, seed=1)))
+    (tmp_path / "run.json").write_bytes(damaged)
+    with pytest.raises(StorageMismatchError, match=r"run\.json .*Restore it from a copy, or delete it"):
+        SearchSession(make_spec(tmp_path, max_fevals=8, seed=1))
+    (tmp_path / "run.json").unlink()  # the way forward the message gives: the same search continues
+    resumed = SearchSession(make_spec(tmp_path, max_fevals=8, seed=1))
+    assert resumed.generations_done >= 1 and resumed.restore_notes == []
+
+
 def test_a_search_begun_with_the_old_default_searcher_keeps_its_fingerprint_and_is_continued_only_by_it(tmp_path):
     """0.2's default searcher was cma-es (sigma0 1/6), and its fingerprint had neither field
     set apart: a storage path it wrote keeps its fingerprint, and the new default (cma-es-box)

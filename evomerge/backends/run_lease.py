@@ -21,7 +21,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from evomerge.backends.run_store import RunStore
+from evomerge.backends.run_store import DamagedFileError, RunStore
 from evomerge.core.storage_layout import LEASE
 
 
@@ -41,14 +41,15 @@ class LeaseInfo:
 
 
 def read_lease(store: RunStore) -> LeaseInfo | None:
-    raw = store.read_text(LEASE)
-    if not raw:
-        return None
+    # A torn, damaged or foreign file holds nothing: treated as absent (and overwritten).
     try:
+        raw = store.read_text(LEASE)
+        if not raw:
+            return None
         data = json.loads(raw)
         return LeaseInfo(str(data["owner"]), str(data["host"]), int(data["pid"]), float(data["heartbeat"]))
-    except (ValueError, KeyError, TypeError):
-        return None  # a torn or foreign file holds nothing: treat as absent
+    except (DamagedFileError, ValueError, KeyError, TypeError):
+        return None
 
 
 def lease_is_stale(lease: LeaseInfo, stale_after_seconds: float, now: float | None = None) -> bool:
@@ -130,12 +131,15 @@ class RunLease:
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError as exc:
-                raise LeaseHeldError(
-                    f"storage path {self.store.storage_path} was taken by another run at the same moment"
-                ) from exc
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            return
+                if read_lease(self.store) is not None:
+                    raise LeaseHeldError(
+                        f"storage path {self.store.storage_path} was taken by another run at the same moment"
+                    ) from exc
+                # A file that holds no lease (torn, damaged) is no owner: overwritten below.
+            else:
+                with os.fdopen(fd, "w") as f:
+                    f.write(text)
+                return
         self.store.write_text(LEASE, text)
 
     def _beat(self) -> None:

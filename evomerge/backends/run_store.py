@@ -58,6 +58,12 @@ class StorageError(RuntimeError):
     pass
 
 
+class DamagedFileError(StorageError):
+    """A stored file whose bytes are not what evomerge writes (not UTF-8 text, or not JSON):
+    each reader takes its documented path (a record is quarantined, a checkpoint ends the
+    replay, a lease holds nothing); where none exists, the message names the file."""
+
+
 class RunStore:
     def __init__(
         self,
@@ -155,11 +161,17 @@ class RunStore:
             ) from exc
 
     def read_text(self, rel: str) -> str | None:
+        """The file's text; None when it does not exist. DamagedFileError when its bytes are
+        not UTF-8 (evomerge writes only UTF-8 JSON and YAML)."""
         target = self.path(rel)
         try:
-            return self._retrying("read", target, self.fs.cat_file, target).decode()
+            data = self._retrying("read", target, self.fs.cat_file, target)
         except FileNotFoundError:
             return None
+        try:
+            return data.decode()
+        except UnicodeDecodeError as exc:
+            raise DamagedFileError(f"{target} is damaged: byte {exc.start} of {len(data)} is not UTF-8 text") from exc
 
     def write_json(self, rel: str, value: Any) -> None:
         self.write_text(rel, json.dumps(value, indent=2, sort_keys=True, allow_nan=False) + "\n")
@@ -171,7 +183,7 @@ class RunStore:
         try:
             return json.loads(text)
         except json.JSONDecodeError as exc:
-            raise StorageError(f"{self.path(rel)} is not valid JSON ({exc}); it may be truncated") from exc
+            raise DamagedFileError(f"{self.path(rel)} is not valid JSON ({exc}); it may be truncated") from exc
 
     # --- records ---------------------------------------------------------------------------
     def write_record(self, record: CandidateRecord, folder: RecordFolder = CANDIDATES) -> None:
@@ -215,10 +227,12 @@ class RunStore:
             if not base.endswith(".json") or base.startswith("."):
                 continue
             key = base[: -len(".json")]
-            text = self.read_text(f"{folder}/{base}")  # == record_name(folder, key)
             try:
+                text = self.read_text(f"{folder}/{base}")  # == record_name(folder, key)
                 record = CandidateRecord.model_validate_json(text or "")
                 problem = None
+            except DamagedFileError as exc:
+                problem = f"cannot be read ({str(exc).rsplit(' is damaged: ', 1)[-1]})"
             except ValueError as exc:
                 problem = f"cannot be read ({str(exc).splitlines()[0]}; truncated?)"
             if problem is None and record.format_version != RECORD_FORMAT_VERSION:
