@@ -278,3 +278,28 @@ def test_a_search_that_only_asks_evaluated_merges_stops_converged_and_stays_stop
     resumed = SearchSession(spec)
     assert resumed.progress.idle_generations == 10 and resumed.should_stop() == reason
     assert resumed.search_finished, "a converged search gets its held-out scores like a spent one"
+
+
+@pytest.mark.parametrize("damaged", [b"\xff\xfe", b'{"key": ', b"[]"], ids=["not-utf8", "truncated", "no-object"])
+def test_a_damaged_final_model_marker_means_merging_the_best_again(tmp_path, monkeypatch, damaged):
+    """final_model.json only says which candidate final_model/ holds: damaged, it is unknown, so
+    the best is merged again (the merge itself is mergekit's, tested end to end)."""
+    import evomerge.final_model as final_model
+
+    merged = []
+
+    class RecordingMerger:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def merge(self, merge_config, target):
+            merged.append(target)
+
+    monkeypatch.setattr(final_model, "DiskMerger", RecordingMerger)
+    session = run(SearchSession(make_spec(tmp_path, max_fevals=4, seed=1)))
+    (tmp_path / "final_model.json").write_bytes(damaged)
+    assert final_model.save_final_model(session) == str(tmp_path / "final_model")
+    assert merged == [str(tmp_path / "final_model")]
+    assert json.loads((tmp_path / "final_model.json").read_text())["key"] == session.best.key
+    final_model.save_final_model(session)
+    assert len(merged) == 1, "a sound marker naming the best: nothing to merge"
