@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import pytest
 from click.testing import CliRunner
 from conftest import TASKS_DIR, write_config
 
@@ -36,6 +37,50 @@ def test_model_folder_without_config(tmp_path, tiny_models):
     empty.mkdir()
     config = write_config(tmp_path / "c.yml", dict(tiny_models, rev_expert=empty))
     assert_refused(run_cli(config, tmp_path / "s"), "has no config.json")
+
+
+def test_a_model_path_that_is_a_file_says_so(tmp_path, tiny_models):
+    config = write_config(tmp_path / "c.yml", dict(tiny_models, rev_expert=tiny_models["rev_expert"] / "config.json"))
+    assert_refused(run_cli(config, tmp_path / "s"), "is a file, not a model folder", storage=tmp_path / "s")
+
+
+@pytest.mark.parametrize("damage", ["truncated-weights", "garbage-header", "truncated-config", "no-weights"])
+def test_damaged_model_files_are_refused_naming_the_file(tmp_path, tiny_models, damage):
+    """A truncated download or a corrupt file is found from the safetensors headers and the
+    config before any server starts (it used to fail every candidate after a minute)."""
+    broken = tmp_path / "rev_expert"
+    shutil.copytree(tiny_models["rev_expert"], broken)
+    weights, config_file = broken / "model.safetensors", broken / "config.json"
+    if damage == "truncated-weights":
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) * 2 // 3])
+        expected = (f"{weights} is damaged: tensor", "(truncated?)")
+    elif damage == "garbage-header":
+        data = weights.read_bytes()
+        weights.write_bytes(data[:8] + b"\xff" * 16 + data[24:])
+        expected = (f"{weights} is damaged: its header is not valid JSON",)
+    elif damage == "truncated-config":
+        config_file.write_text(config_file.read_text()[:30])
+        expected = (f"{config_file} is damaged", "copy the model's config.json again")
+    else:
+        weights.unlink()
+        expected = ("has no weights (no *.safetensors or *.bin file",)
+    config = write_config(tmp_path / "c.yml", dict(tiny_models, rev_expert=broken))
+    assert_refused(run_cli(config, tmp_path / "s"), *expected, storage=tmp_path / "s")
+
+
+def test_a_tokenizer_source_that_is_no_model_folder_is_refused(tmp_path, tiny_models):
+    for source, says in (
+        (tmp_path / "nowhere", "(no such folder)"),
+        (tiny_models["base"] / "config.json", "(it is a file)"),
+    ):
+        config = write_config(tmp_path / "c.yml", tiny_models, genome={"tokenizer_source": str(source)})
+        assert_refused(run_cli(config, tmp_path / "s"), "genome.tokenizer_source", says, storage=tmp_path / "s")
+    from evomerge.backends.prepare import build_options, prepare_run
+
+    config = write_config(tmp_path / "c.yml", tiny_models, genome={"tokenizer_source": str(tiny_models["base"])})
+    spec = prepare_run(str(config), str(tmp_path / "s"), build_options(), check_task_names=False)
+    assert spec.config.genome.tokenizer_source == str(tiny_models["base"]), "a model folder is accepted"
 
 
 def _copy_with_config(src, dst, **changes):

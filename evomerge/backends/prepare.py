@@ -106,18 +106,8 @@ def _model_facts(ref: str, trust_remote_code: bool) -> ModelFacts:
     path = os.path.expanduser(ref.split("@")[0])
     looks_local = os.path.isabs(path) or path.startswith(".") or os.path.exists(path)
     if looks_local:
-        if not os.path.isdir(path):
-            raise ConfigurationError(
-                f"model {ref!r} does not exist: no such folder. Fix the path in genome.models (or genome.base_model)"
-            )
-        config_file = os.path.join(path, "config.json")
-        if not os.path.isfile(config_file):
-            raise ConfigurationError(
-                f"model {ref!r} has no config.json; point genome.models at a Hugging Face model "
-                "folder (config.json plus safetensors weights)"
-            )
-        with open(config_file, encoding="utf-8") as f:
-            raw = json.load(f)
+        raw = _local_model_config(ref, path)
+        check_model_weights(ref, path)
     else:
         raw = _hub_config(ref, trust_remote_code)
     try:
@@ -130,6 +120,101 @@ def _model_facts(ref: str, trust_remote_code: bool) -> ModelFacts:
         ) from exc
     dtype = raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"
     return ModelFacts(architecture=architecture, num_layers=num_layers, dtype=str(dtype))
+
+
+def _local_model_config(ref: str, path: str) -> dict:
+    if os.path.isfile(path):
+        raise ConfigurationError(
+            f"model {ref!r} is a file, not a model folder: point genome.models (or genome.base_model) "
+            "at the folder that holds its config.json and weights"
+        )
+    if not os.path.isdir(path):
+        raise ConfigurationError(
+            f"model {ref!r} does not exist: no such folder. Fix the path in genome.models (or genome.base_model)"
+        )
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise ConfigurationError(
+            f"model {ref!r} has no config.json; point genome.models at a Hugging Face model "
+            "folder (config.json plus safetensors weights)"
+        )
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigurationError(f"{config_file} is damaged ({exc}); copy the model's config.json again") from exc
+    if not isinstance(raw, dict):
+        raise ConfigurationError(f"{config_file} holds no JSON object; copy the model's config.json again")
+    return raw
+
+
+def check_model_weights(ref: str, folder: str) -> None:
+    """Every ``*.safetensors`` file of a model folder is whole: its header parses and each
+    tensor's bytes lie inside the file. Reads the headers only (a few kB per file), so a
+    truncated or corrupt download is refused before any server starts, naming the file."""
+    names = sorted(os.listdir(folder))
+    weights = [n for n in names if n.endswith(".safetensors")]
+    if not weights and not any(n.endswith(".bin") for n in names):
+        raise ConfigurationError(
+            f"model {ref!r} has no weights (no *.safetensors or *.bin file in {folder}); copy the model again"
+        )
+    for name in weights:
+        problem = _safetensors_problem(os.path.join(folder, name))
+        if problem:
+            raise ConfigurationError(
+                f"{os.path.join(folder, name)} is damaged: {problem}. Copy or download the model's weights again"
+            )
+
+
+def _safetensors_problem(file: str) -> str | None:
+    """What is wrong with a safetensors file's layout (8-byte header length, JSON header, then
+    the tensors' bytes), or None."""
+    size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            return f"{size} bytes, shorter than a safetensors header"
+        header_length = int.from_bytes(prefix, "little")
+        if header_length > size - 8:
+            return f"its header claims {header_length} bytes but the file has {size} (truncated?)"
+        try:
+            header = json.loads(f.read(header_length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return f"its header is not valid JSON ({exc})"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
+    data_size = size - 8 - header_length
+    for tensor, entry in header.items():
+        if tensor == "__metadata__":
+            continue
+        try:
+            end = int(entry["data_offsets"][1])
+        except (KeyError, IndexError, TypeError, ValueError):
+            return f"tensor {tensor!r} has no data offsets"
+        if end > data_size:
+            return f"tensor {tensor!r} ends at byte {end} of the data, which has {data_size} (truncated?)"
+    return None
+
+
+def check_tokenizer_source(config: EvolveConfig, trust_remote_code: bool) -> None:
+    """A tokenizer_source that names a model (a folder, ``model:<ref>`` or a Hub name) must be one."""
+    source = config.genome.tokenizer_source
+    if source is None or source in ("base", "union"):
+        return
+    ref = source.removeprefix("model:")
+    path = os.path.expanduser(ref.split("@")[0])
+    if os.path.isabs(path) or path.startswith(".") or os.path.exists(path):
+        if not os.path.isdir(path):
+            raise ConfigurationError(
+                f"genome.tokenizer_source {source!r} is not a model folder"
+                + (" (it is a file)" if os.path.isfile(path) else " (no such folder)")
+                + ": give a model folder, 'base' or 'union'"
+            )
+        return
+    try:
+        _hub_config(ref, trust_remote_code)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"genome.tokenizer_source: {exc}") from exc
 
 
 def _hub_config(ref: str, trust_remote_code: bool) -> dict:
@@ -223,6 +308,7 @@ def prepare_run(
     if options.ray_address:
         check_ray_address(options.ray_address)
     models = inspect_models(config, options.trust_remote_code)
+    check_tokenizer_source(config, options.trust_remote_code)
     try:
         SearchSpace(config.genome, models.num_layers, dtype=models.dtype)
     except ValueError as exc:
