@@ -67,7 +67,7 @@ def main(config: str, storage_path: str, **values) -> None:
     from evomerge import stop_request
     from evomerge.backends.prepare import ConfigurationError, build_options, prepare_run, with_checked_tasks
     from evomerge.backends.run_lease import LeaseHeldError, RunLease
-    from evomerge.backends.run_store import RunStore, StorageError
+    from evomerge.backends.run_store import PREFLIGHT_RETRY_DELAYS, RunStore, StorageError
     from evomerge.core.checkpoint import CorruptStateError
     from evomerge.core.options import options_from_parameters
     from evomerge.run_manifest import StorageMismatchError, check_storage_path
@@ -79,9 +79,11 @@ def main(config: str, storage_path: str, **values) -> None:
         # Everything but the task names (lm-eval's import and task index): checked below, while
         # the Prefect server boots.
         spec = prepare_run(config, storage_path, options, check_task_names=False)
-        check_storage_path(spec)
-        RunLease(RunStore(spec.storage_path)).check_free()
-    except (ConfigurationError, StorageMismatchError, LeaseHeldError) as exc:
+        store = RunStore(spec.storage_path, retry_delays=PREFLIGHT_RETRY_DELAYS)
+        store.check_writable()
+        check_storage_path(spec, store)
+        RunLease(store).check_free()
+    except (ConfigurationError, StorageMismatchError, LeaseHeldError, StorageError) as exc:
         _refuse(exc)
 
     _startup("options, config, models and storage path checked")

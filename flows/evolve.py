@@ -56,6 +56,7 @@ def run_search(spec: RunSpec) -> dict[str, Any]:
     """The search for a validated RunSpec, holding the storage path's lease throughout."""
     logger = get_run_logger()
     store = RunStore(spec.storage_path)
+    store.check_writable()  # a deployment run validates here (the CLI checked before it started)
     with RunLease(store) as lease:
         if lease.taken_over is not None:
             logger.warning("took over the stale lease of %s", lease.taken_over.describe(time.time()))

@@ -156,3 +156,44 @@ def test_a_ray_address_where_nothing_listens_is_refused_before_any_work(tmp_path
         "ray start --head",
         storage=storage,
     )
+
+
+def test_a_storage_path_that_is_a_file_or_cannot_be_written_is_refused_before_any_work(tmp_path, tiny_models):
+    config = write_config(tmp_path / "c.yml", tiny_models)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    assert_refused(run_cli(config, a_file), f"--storage-path {a_file} is a file; give a folder")
+    # A parent nobody may write in, root included (sysfs): refused, not found after servers started.
+    assert_refused(
+        run_cli(config, "/sys/evomerge-run"), "--storage-path /sys/evomerge-run cannot be written", "choose a folder"
+    )
+
+
+def test_s3_without_credentials_or_without_an_answer_is_one_message_before_any_work(tmp_path, tiny_models):
+    import s3fs
+
+    from evomerge.backends.prefect_server import free_port
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    config = write_config(tmp_path / "c.yml", tiny_models)
+    no_credentials = {
+        "AWS_ACCESS_KEY_ID": None,
+        "AWS_SECRET_ACCESS_KEY": None,
+        "AWS_SESSION_TOKEN": None,
+        "AWS_PROFILE": None,
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
+        "PREFECT_API_URL": None,
+    }
+    args = [str(config), "--storage-path", "s3://evomerge-test/run", "--task-search-path", str(TASKS_DIR)]
+    result = CliRunner().invoke(main, args, env=no_credentials)
+    assert result.exit_code == 2 and "no credentials for the object store" in result.output, result.output
+    assert "Set AWS credentials" in result.output and "Traceback" not in result.output
+    nothing_listens = dict(no_credentials, AWS_ACCESS_KEY_ID="key", AWS_SECRET_ACCESS_KEY="secret")
+    s3fs.S3FileSystem.clear_instance_cache()  # fsspec keeps the first client, credentials and all
+    result = CliRunner().invoke(main, args, env=nothing_listens)
+    assert result.exit_code == 2, result.output
+    assert "could not write s3://evomerge-test/run/.evomerge-write-probe" in result.output, result.output
+    assert "once the storage is reachable" in result.output and "Traceback" not in result.output

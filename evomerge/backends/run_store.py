@@ -41,6 +41,9 @@ logger = logging.getLogger("evomerge")
 T = TypeVar("T")
 
 DEFAULT_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)
+# Before a run starts nothing is at stake: an object store that does not answer within a few
+# seconds is reported at once (a running search waits the full schedule above).
+PREFLIGHT_RETRY_DELAYS = (0.5, 1.0)
 # The store answered; asking again gets the same answer. (All are OSError subclasses.)
 _ANSWERS = (
     FileNotFoundError,
@@ -118,6 +121,47 @@ class RunStore:
                     delay,
                 )
                 time.sleep(delay)
+
+    def check_writable(self) -> None:
+        """Before any work: the storage path is a folder this process can write (created if
+        missing), or an object-store prefix it can write with the credentials it has. A probe
+        file is written and removed; every failure is one StorageError naming the path and the fix."""
+        where = self.root if self.is_local else self.fs.unstrip_protocol(self.root)
+        probe = self.path(f".evomerge-write-probe-{os.getpid()}")
+        if self.is_local:
+            if os.path.exists(self.root) and not os.path.isdir(self.root):
+                raise StorageError(f"--storage-path {where} is a file; give a folder (it is created if missing)")
+            try:
+                os.makedirs(self.root, exist_ok=True)
+                with open(probe, "wb"):
+                    pass
+                os.remove(probe)
+            except OSError as exc:
+                raise StorageError(
+                    f"--storage-path {where} cannot be written ({exc.strerror or exc}: "
+                    f"{exc.filename or self.root}); choose a folder this user can create and write in"
+                ) from exc
+            return
+        from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+
+        try:
+            self._retrying("write", probe, self.fs.pipe_file, probe, b"")
+            self._retrying("remove", probe, self.fs.rm, probe)
+        except (NoCredentialsError, PartialCredentialsError) as exc:
+            raise StorageError(
+                f"--storage-path {where}: no credentials for the object store ({exc}). Set AWS "
+                "credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, in "
+                "evomerge's environment (and AWS_ENDPOINT_URL for an S3 API other than AWS)"
+            ) from exc
+        except PermissionError as exc:
+            raise StorageError(
+                f"--storage-path {where}: the object store refused a write ({exc}); check the "
+                "bucket's name and that the credentials may write under this prefix"
+            ) from exc
+        except FileNotFoundError as exc:
+            raise StorageError(
+                f"--storage-path {where}: the bucket does not exist ({exc}); create it or fix the path"
+            ) from exc
 
     # --- paths -----------------------------------------------------------------------------
     def path(self, *parts: str) -> str:
