@@ -231,7 +231,8 @@ def _print_summary(summary: dict) -> None:
             f"  held out vs {label}: {d['difference']:+.4f} +- {d['standard_error']:.4f} "
             f"({d['standard_errors']:.1f} SE)"
         )
-    click.echo(f"  best config       : {path}/best_config.yaml")
+    if best is not None:
+        click.echo(f"  best config       : {path}/best_config.yaml")
     click.echo(f"  summary           : {path}/summary.json")
     click.echo(f"  report            : evomerge report {path}")
 

@@ -35,7 +35,16 @@ from evomerge.core.run_summary import run_summary
 from evomerge.core.searcher import CmaEsSearcher, RandomSearcher, Searcher, SearchStep, Suggestion
 from evomerge.core.slot_utilization import slot_utilization
 from evomerge.core.stopping import IDLE_GENERATIONS_LIMIT, SearchProgress, StoppingRules
-from evomerge.core.storage_layout import BASELINES, BEST_CONFIG, CANDIDATES, HELD_OUT, SUMMARY, checkpoint_name
+from evomerge.core.storage_layout import (
+    BASELINES,
+    BEST_CONFIG,
+    CANDIDATES,
+    CHECKPOINTS,
+    HELD_OUT,
+    SUMMARY,
+    checkpoint_name,
+    record_name,
+)
 from evomerge.core.suggestion_feed import SuggestionFeed
 from evomerge.failpoints import failpoint
 from evomerge.resume import replay_checkpoints
@@ -83,6 +92,8 @@ class SearchSession:
         # Not searcher candidates: parents and the uniform merge, and held-out scores.
         self.baselines = self.store.read_records(self.restore_notes.append, folder=BASELINES)
         self.held_out = self.store.read_records(self.restore_notes.append, folder=HELD_OUT)
+        if spec.options.retry_failed:
+            self._set_failed_aside()
         self.progress = SearchProgress(evaluations=len(self.records))
         self.started = time.monotonic()
         self.finished_reason: str | None = None
@@ -101,6 +112,45 @@ class SearchSession:
             self._count_step(checkpoint.generation, checkpoint.keys, evaluated_here=False)
         if not spec.options.barrier_free:
             self._replay_recorded_batches()
+
+    def check_some_candidate_scored(self) -> None:
+        """A finished search with no successful candidate is an error, not a result: it names
+        the first failure and the way to score the failed candidates again once it is fixed."""
+        if self.best is not None or not self.records:
+            return
+        first = min(self.records.values(), key=lambda r: (r.generation, r.index))
+        raise RunStoppedError(
+            f"no candidate was scored: all {len(self.records)} evaluations failed, the first with "
+            f"{first.error} (records/{first.key}.json; best_config.yaml was not written). Fix the "
+            "cause, then run the same command with --retry-failed to evaluate them again"
+        )
+
+    def _set_failed_aside(self) -> None:
+        """--retry-failed: failed records go to quarantine/ (kept, not deleted), and with them
+        every checkpoint from the first generation that told a failure: those generations are
+        rebuilt from the remaining records, and the failed candidates evaluated again."""
+        moved, told_from = 0, None
+        for folder, records in ((CANDIDATES, self.records), (BASELINES, self.baselines), (HELD_OUT, self.held_out)):
+            for key, record in [(k, r) for k, r in records.items() if r.status == "failed"]:
+                self.store.set_aside(record_name(folder, key))
+                del records[key]
+                moved += 1
+                if folder == CANDIDATES:
+                    told_from = record.generation if told_from is None else min(told_from, record.generation)
+        if not moved:
+            return
+        checkpoints = [
+            name
+            for name in self.store.list_names(CHECKPOINTS)
+            if told_from is not None and name.endswith(".json") and name[:-5].isdigit() and int(name[:-5]) >= told_from
+        ]
+        for name in checkpoints:
+            self.store.set_aside(f"{CHECKPOINTS}/{name}")
+        self.restore_notes.append(
+            f"--retry-failed: {moved} failed record(s) moved to quarantine/"
+            + (f", and the checkpoints of generation {told_from} on ({len(checkpoints)})" if checkpoints else "")
+            + "; they are evaluated again"
+        )
 
     @classmethod
     def active(cls, session_id: str) -> SearchSession:

@@ -81,6 +81,8 @@ def run_search(spec: RunSpec) -> dict[str, Any]:
                 run_search_loop(session, run_batch, observers, logger, run_stream)
             if not session.paused and spec.options.save_final_model and (final := save_final_model(session)):
                 logger.info("best merge saved in %s", final)
+            if not session.paused:
+                session.check_some_candidate_scored()
             return session.summary()
         finally:
             session.close()

@@ -303,3 +303,34 @@ def test_a_damaged_final_model_marker_means_merging_the_best_again(tmp_path, mon
     assert json.loads((tmp_path / "final_model.json").read_text())["key"] == session.best.key
     final_model.save_final_model(session)
     assert len(merged) == 1, "a sound marker naming the best: nothing to merge"
+
+
+def test_failures_of_the_inputs_do_not_trap_the_path_and_retry_failed_continues_as_if_never_broken(tmp_path):
+    """Every candidate of a generation failed (say, a broken model file, since repaired): the
+    path is not 'done' with no best. --retry-failed moves the failed records and the checkpoints
+    that told them aside (kept under quarantine/) and the search goes on exactly as a search that
+    never saw the fault."""
+    broken = tmp_path / "broken"
+    session = SearchSession(make_spec(broken, max_fevals=8, seed=3, max_failed_fraction=1.0))
+    run(session, fail_when=lambda request: request.generation == 1)
+    assert session.best is not None  # generation 0 was fine
+    # A path where every evaluation failed is not a finished search with a result:
+    run(
+        SearchSession(make_spec(tmp_path / "all-failed", max_fevals=4, seed=3, max_failed_fraction=1.0)), lambda r: True
+    )
+    again = SearchSession(make_spec(tmp_path / "all-failed", max_fevals=4, seed=3))
+    assert again.search_finished
+    with pytest.raises(RunStoppedError, match=r"all 4 evaluations failed, the first with ValueError: merge exploded"):
+        again.check_some_candidate_scored()
+
+    retried = SearchSession(make_spec(broken, max_fevals=8, seed=3, retry_failed=True))
+    (note,) = retried.restore_notes
+    assert "4 failed record(s) moved to quarantine/, and the checkpoints of generation 1 on (1)" in note
+    assert sorted(p.name for p in (broken / "quarantine" / "checkpoints").iterdir()) == ["00001.json"]
+    assert len(list((broken / "quarantine" / "records").iterdir())) == 4, "kept, not deleted"
+    run(retried)
+    clean = run(SearchSession(make_spec(tmp_path / "clean", max_fevals=8, seed=3)))
+    assert {k: r.score for k, r in retried.records.items()} == {k: r.score for k, r in clean.records.items()}
+    assert [json.loads(p.read_text())["scores_told"] for p in sorted((broken / "checkpoints").glob("*.json"))] == [
+        json.loads(p.read_text())["scores_told"] for p in sorted((tmp_path / "clean" / "checkpoints").glob("*.json"))
+    ]

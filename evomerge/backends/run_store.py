@@ -291,15 +291,25 @@ class RunStore:
             where = self.fs.unstrip_protocol(name)
             if on_unreadable is None:
                 raise StorageError(f"record {where} {problem}")
-            aside = self.path(quarantine_name(folder, base))
-            if self.is_local:
-                os.makedirs(os.path.dirname(aside), exist_ok=True)
-            self._retrying("move", name, self.fs.mv, name, aside)
+            aside = self.set_aside(f"{folder}/{base}")
             on_unreadable(
                 f"record {where} {problem}; moved to {self.fs.unstrip_protocol(aside)} "
                 "and its candidate will be evaluated again if the search needs it"
             )
         return records
+
+    def set_aside(self, rel: str) -> str:
+        """Move ``rel`` (``<folder>/<file>``) to ``quarantine/<folder>/``, never over an earlier
+        file set aside there; returns where it went. Nothing is deleted."""
+        folder, _, file_name = rel.rpartition("/")
+        aside = self.path(quarantine_name(folder, file_name))
+        if self._retrying("check", aside, self.fs.exists, aside):
+            aside = self.path(quarantine_name(folder, f"{time.time_ns()}-{file_name}"))
+        if self.is_local:
+            os.makedirs(os.path.dirname(aside), exist_ok=True)
+        source = self.path(rel)
+        self._retrying("move", source, self.fs.mv, source, aside)
+        return aside
 
     def list_names(self, rel: str) -> list[str]:
         """File names directly under ``rel`` (no temporary files); [] when it does not exist."""

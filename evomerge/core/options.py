@@ -129,6 +129,14 @@ class RunOptions(BaseModel):
         "current distribution (one evaluate flow run for the whole search instead of one per "
         "generation).",
     )
+    retry_failed: bool = Field(
+        False,
+        description="Evaluate again the candidates (and baselines) whose records say they failed, "
+        "after their cause was fixed (a broken model file, a task): their records are moved to "
+        "quarantine/, and the checkpoints from the first generation that told a failure are set "
+        "aside, so the search goes on from there with the new scores.",
+        json_schema_extra=cli(flag="single"),
+    )
     baselines: bool = Field(
         True,
         description="Score each parent model and the uniform merge before the search (not counted in --max-fevals).",

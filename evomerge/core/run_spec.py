@@ -37,6 +37,7 @@ _NOT_IN_FINGERPRINT = {
     "generations_per_run",
     # How many vectors were drawn ahead is in each checkpoint (``ahead``): a search may switch.
     "barrier_free",
+    "retry_failed",  # replaces failed records by new ones of the same search
     "baselines",
     "held_out_top",
 }
