@@ -11,6 +11,7 @@ Every system gets the same ``mergekit-evolve`` config, unchanged:
 
 - ``evomerge``: its search loop (``run_search_loop``) with its defaults, in this process pool,
   merges in memory, lm-eval's HF model (Prefect and Ray add nothing to what is searched);
+- ``evomerge-mirrored-elitist``: the same with ``--searcher cma-es-box-mirrored-elitist``;
 - ``evomerge-cma-es``: the same with ``--searcher cma-es``, 0.2's default (unbounded CMA-ES,
   sigma0 1/6, as upstream);
 - ``random``: the same loop with ``--searcher random``;
@@ -55,6 +56,7 @@ BUDGETS = (24, 48, 96)
 # evomerge's options per system (everything else is evomerge's default).
 SYSTEM_OPTIONS: dict[str, dict] = {
     "evomerge": {},  # the default: cma-es-box
+    "evomerge-mirrored-elitist": {"searcher": "cma-es-box-mirrored-elitist"},
     "evomerge-cma-es": {"searcher": "cma-es"},  # 0.2's default (upstream's search, in evomerge)
     "random": {"searcher": "random"},
     "evomerge-barrier-free-4": {"barrier_free": True},

@@ -6,4 +6,4 @@ loop <- ``evomerge.tasks`` <- ``evomerge.flows`` <- ``evomerge.cli``. ARCHITECTU
 candidate through them.
 """
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"

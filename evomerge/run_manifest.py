@@ -36,7 +36,10 @@ def check_storage_path(spec: RunSpec, store: RunStore | None = None) -> bool:
         if begun_with != spec.options.searcher:
             raise StorageMismatchError(
                 f"storage path {spec.storage_path} holds a search begun with --searcher {begun_with}"
-                + (" (the default before evomerge 0.3)" if begun_with == "cma-es" else "")
+                + {
+                    "cma-es": " (the default before evomerge 0.3)",
+                    "cma-es-box": " (the default of evomerge 0.3 and 0.4)",
+                }.get(begun_with, "")
                 + f", and this run asks for --searcher {spec.options.searcher}: add --searcher "
                 f"{begun_with} to continue it, or use a new --storage-path"
             )

@@ -66,8 +66,9 @@ def make_searcher(spec: RunSpec) -> Searcher:
     rng = np.random.default_rng(options.seed)
     x0 = space.initial_point(rng if spec.config.random_init else None)
     assert options.sigma0 is not None  # RunOptions fills in the searcher's default
-    box = space.box() if options.searcher == "cma-es-box" else None
-    return CmaEsSearcher(x0, options.sigma0, options.seed, options.popsize, box=box)
+    box = space.box() if options.searcher in ("cma-es-box", "cma-es-box-mirrored-elitist") else None
+    default = options.searcher == "cma-es-box-mirrored-elitist"
+    return CmaEsSearcher(x0, options.sigma0, options.seed, options.popsize, box=box, mirrored=default, elitist=default)
 
 
 class SearchSession:

@@ -154,6 +154,7 @@ def test_cli_reports_bad_options_before_any_work(tmp_path):
 def test_sigma0_defaults_to_the_searchers_own_and_an_explicit_one_is_kept():
     assert RunOptions().searcher == "cma-es-box"
     assert RunOptions().sigma0 == 0.5
+    assert RunOptions(searcher="cma-es-box-mirrored-elitist").sigma0 == 0.5
     assert RunOptions(searcher="cma-es").sigma0 == 1 / 6  # upstream's, and 0.2's default
     assert RunOptions(sigma0=0.05).sigma0 == 0.05
     assert RunOptions(searcher="cma-es", sigma0=0.25).sigma0 == 0.25

@@ -173,6 +173,16 @@ def test_a_search_begun_with_the_old_default_searcher_keeps_its_fingerprint_and_
     SearchSession(make_spec(tmp_path, max_fevals=16, seed=1, searcher="cma-es"))  # continues it
 
 
+def test_a_search_begun_with_one_box_searcher_is_continued_only_with_it(tmp_path):
+    run(SearchSession(make_spec(tmp_path, max_fevals=8, seed=1, searcher="cma-es-box-mirrored-elitist")))
+    with pytest.raises(
+        StorageMismatchError,
+        match=r"begun with --searcher cma-es-box-mirrored-elitist.*add --searcher cma-es-box-mirrored",
+    ):
+        SearchSession(make_spec(tmp_path, max_fevals=16, seed=1))
+    SearchSession(make_spec(tmp_path, max_fevals=16, seed=1, searcher="cma-es-box-mirrored-elitist"))  # continues
+
+
 def test_the_default_searcher_asks_inside_the_search_box(tmp_path):
     session = SearchSession(make_spec(tmp_path, max_fevals=24, seed=3))
     assert session.searcher.name == "cma-es-box"

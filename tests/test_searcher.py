@@ -92,10 +92,33 @@ def cma_box(seed=3, dim=4, popsize=6, sigma0=0.3):
     return CmaEsSearcher(np.full(dim, 0.5), sigma0, seed=seed, popsize=popsize, box=(np.zeros(dim), np.ones(dim)))
 
 
+def cma_mirrored(seed=3, dim=4, popsize=6, sigma0=0.3, box=(0.0, 1.0)):
+    """cma-es-box-mirrored-elitist."""
+    lower, upper = np.full(dim, box[0]), np.full(dim, box[1])
+    return CmaEsSearcher(
+        np.full(dim, 0.5), sigma0, seed=seed, popsize=popsize, box=(lower, upper), mirrored=True, elitist=True
+    )
+
+
+def test_the_mirrored_searcher_mirrors_some_samples_through_the_mean_in_every_generation():
+    # A box wide enough that nothing is clipped: each pair's midpoint is the mean exactly.
+    searcher = cma_mirrored(seed=4, dim=8, popsize=10, sigma0=0.5, box=(-100.0, 100.0))
+    assert searcher.name == "cma-es-box-mirrored-elitist"
+    for _ in range(3):
+        mean = searcher.mean
+        vectors = np.array([s.vector for s in searcher.ask()])
+        # pycma's own number of mirrors at popsize 10 in 8 dimensions: 2 pairs, the last rows
+        for a, b in ((-1, -2), (-3, -4)):
+            np.testing.assert_allclose(vectors[a] + vectors[b], 2 * mean, rtol=0, atol=1e-12)
+        assert not np.allclose(vectors[0] + vectors[1], 2 * mean), "the others are independent"
+        for i, v in enumerate(vectors):
+            searcher.tell(i + 10 * searcher.generation, quadratic(v))
+
+
 @pytest.mark.parametrize(
     "make",
-    [cma, cma_box, lambda: RandomSearcher(np.zeros(3), np.ones(3), seed=5, popsize=4)],
-    ids=["cma", "cma-box", "random"],
+    [cma, cma_box, cma_mirrored, lambda: RandomSearcher(np.zeros(3), np.ones(3), seed=5, popsize=4)],
+    ids=["cma", "cma-box", "cma-box-mirrored", "random"],
 )
 def test_replaying_the_steps_rebuilds_the_same_searcher_bit_for_bit(make):
     original = make()
@@ -183,7 +206,9 @@ def run_on_slots(searcher, slots, budget, seed, score=quadratic):
             steps.append(step)
 
 
-@pytest.mark.parametrize("make", [cma_box, lambda: RandomSearcher(np.zeros(4), np.ones(4), seed=5, popsize=6)])
+@pytest.mark.parametrize(
+    "make", [cma_box, cma_mirrored, lambda: RandomSearcher(np.zeros(4), np.ones(4), seed=5, popsize=6)]
+)
 def test_vectors_drawn_ahead_open_the_coming_generations(make):
     searcher = make()
     n = searcher.popsize
@@ -212,16 +237,17 @@ def test_vectors_drawn_ahead_open_the_coming_generations(make):
     assert searcher.generation == 3, "the results of generation 2's drawn-ahead vectors were kept"
 
 
-def test_a_barrier_free_search_is_the_same_for_the_same_arrival_order_and_replays_bit_for_bit():
-    steps, feed = run_on_slots(cma_box(), slots=5, budget=60, seed=11)
-    again, feed_again = run_on_slots(cma_box(), slots=5, budget=60, seed=11)
+@pytest.mark.parametrize("make", [cma_box, cma_mirrored])
+def test_a_barrier_free_search_is_the_same_for_the_same_arrival_order_and_replays_bit_for_bit(make):
+    steps, feed = run_on_slots(make(), slots=5, budget=60, seed=11)
+    again, feed_again = run_on_slots(make(), slots=5, budget=60, seed=11)
     assert steps == again and feed.told == feed_again.told
     assert any(step.ahead for step in steps), "slots drew ahead"
-    assert steps != run_on_slots(cma_box(), slots=5, budget=60, seed=12)[0], "another arrival order, another search"
+    assert steps != run_on_slots(make(), slots=5, budget=60, seed=12)[0], "another arrival order, another search"
 
-    live = cma_box()
+    live = make()
     live_steps, _ = run_on_slots(live, slots=5, budget=60, seed=11)
-    resumed = cma_box()
+    resumed = make()
     for step in live_steps:
         resumed.replay(step)
     assert resumed.generation == live.generation and resumed.sigma == live.sigma
