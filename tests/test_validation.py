@@ -197,3 +197,45 @@ def test_s3_without_credentials_or_without_an_answer_is_one_message_before_any_w
     assert result.exit_code == 2, result.output
     assert "could not write s3://evomerge-test/run/.evomerge-write-probe" in result.output, result.output
     assert "once the storage is reachable" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "option, value, says",
+    [
+        ("--sigma0", "inf", "sigma0: must be a positive, finite step size"),
+        ("--sigma0", "nan", "sigma0: must be a positive, finite step size"),
+        ("--sigma0", "0", "sigma0: must be a positive, finite step size"),
+        ("--seed", "-1", "seed: Input should be greater than or equal to 0"),
+        ("--seed", str(2**32), "seed: Input should be less than 4294967296"),
+    ],
+)
+def test_a_bad_option_value_is_refused_naming_the_option(tmp_path, tiny_models, option, value, says):
+    config = write_config(tmp_path / "c.yml", tiny_models)
+    assert_refused(run_cli(config, tmp_path / "s", option, value), says, storage=tmp_path / "s")
+
+
+def test_bad_config_values_and_hostile_yaml_are_refused_cheaply(tmp_path, tiny_models):
+    storage = tmp_path / "s"
+    config = write_config(tmp_path / "c.yml", tiny_models, num_fewshot=-3)
+    assert_refused(run_cli(config, storage), "num_fewshot: must be 0 or a positive number", storage=storage)
+    one = tmp_path / "one.yml"
+    one.write_text(f"genome:\n  models: [{tiny_models['rev_expert']}]\n  merge_method: linear\ntasks: [tiny_rev]\n")
+    assert_refused(run_cli(one, storage), "would merge one model", "List at least two models", storage=storage)
+    # A "billion laughs" under genome.models: refused at the first alias, in a short message.
+    bomb = tmp_path / "bomb.yml"
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    bomb.write_text("\n".join(levels) + "\ngenome:\n  models: *a8\n  merge_method: linear\ntasks: [t]\n")
+    result = run_cli(bomb, storage)
+    assert_refused(result, "YAML aliases (*name) are not allowed", storage=storage)
+    assert len(result.output) < 2000
+    latin1 = tmp_path / "latin1.yml"
+    latin1.write_bytes(config.read_text().replace("num_fewshot: -3", "# caf\xe9").encode("latin-1"))
+    assert_refused(run_cli(latin1, storage), f"{latin1} is not UTF-8 text", storage=storage)
+
+
+def test_a_long_invalid_value_is_never_echoed_whole(tmp_path, tiny_models):
+    long_list = [f"/no/such/model-{i:05d}" for i in range(20000)]
+    config = write_config(tmp_path / "c.yml", tiny_models, genome={"models": long_list, "merge_method": "nuslerp"})
+    result = run_cli(config, tmp_path / "s")
+    assert result.exit_code == 2 and len(result.output) < 3000, len(result.output)

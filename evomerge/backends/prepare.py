@@ -27,14 +27,33 @@ class ConfigurationError(ValueError):
     """Bad input, found before any work: the message says what and how to fix it."""
 
 
+class _NoAliasSafeLoader(yaml.SafeLoader):
+    """safe_load without YAML aliases (``*name``): a config never needs them, and a few lines of
+    nested aliases expand to gigabytes (the "billion laughs")."""
+
+    def compose_node(self, parent, index):  # type: ignore[no-untyped-def]
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                "YAML aliases (*name) are not allowed in an evomerge config; write the value out",
+                self.peek_event().start_mark,
+            )
+        return super().compose_node(parent, index)
+
+
 def load_config(config_path: str) -> EvolveConfig:
     if not os.path.isfile(config_path):
         raise ConfigurationError(f"config file {config_path!r} does not exist")
     try:
         with open(config_path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
+            raw = yaml.load(f, Loader=_NoAliasSafeLoader)  # a SafeLoader: plain data only
+    except UnicodeDecodeError as exc:
+        raise ConfigurationError(
+            f"{config_path} is not UTF-8 text (byte {exc.start}); save the config as UTF-8"
+        ) from exc
     except yaml.YAMLError as exc:
-        raise ConfigurationError(f"{config_path} is not valid YAML: {exc}") from exc
+        raise ConfigurationError(f"{config_path} is not valid YAML: {_capped(str(exc))}") from exc
     if not isinstance(raw, dict):
         raise ConfigurationError(f"{config_path} must hold a mapping with 'genome:' and 'tasks:'")
     try:
@@ -339,14 +358,25 @@ def normalize_storage_path(storage_path: str) -> str:
     return os.path.abspath(storage_path.removeprefix("file://"))
 
 
+_MAX_ERRORS_SHOWN = 10
+_MAX_ECHO = 400  # characters of one error's message: a hostile value is never echoed whole
+
+
+def _capped(text: str, limit: int = _MAX_ECHO) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
 def _describe(exc: ValidationError) -> str:
     parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    errors = exc.errors()
+    for err in errors[:_MAX_ERRORS_SHOWN]:
+        where = _capped(".".join(str(p) for p in err["loc"]) or "(top level)", 100)
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             message = "unknown key; remove it or fix its spelling"
         elif err["type"] == "missing":
             message = "required; add it"
-        parts.append(f"{where}: {message}")
+        parts.append(f"{where}: {_capped(message)}")
+    if len(errors) > _MAX_ERRORS_SHOWN:
+        parts.append(f"and {len(errors) - _MAX_ERRORS_SHOWN} more errors")
     return "; ".join(parts)

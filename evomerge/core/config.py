@@ -102,6 +102,12 @@ class GenomeDefinition(_Strict):
                 f"merge_method {name!r} merges the listed models and has no base model; "
                 "add genome.base_model to genome.models, or remove it"
             )
+        if len(self.sources) < 2:
+            raise ValueError(
+                f"merge_method {name!r} would merge one model ({self.sources[0]}) with nothing: "
+                "the budget would score that one model again and again. List at least two models "
+                "(genome.models, plus genome.base_model where the method takes one)"
+            )
         _check_count(method, self.sources, method.sources, "models")
         others = self.non_base_models
         if method.non_base[0] >= 1 and not others:
@@ -241,6 +247,13 @@ class EvolveConfig(_Strict):
     def _positive_limit(cls, value: int | float | None) -> int | float | None:
         if value is not None and value <= 0:
             raise ValueError("must be positive (a number of items, or a fraction below 1)")
+        return value
+
+    @field_validator("num_fewshot")
+    @classmethod
+    def _non_negative_fewshot(cls, value: int | None) -> int | None:
+        if value is not None and value < 0:
+            raise ValueError("must be 0 or a positive number of few-shot examples (or left out: each task's own)")
         return value
 
     @field_validator("shuffle")

@@ -61,6 +61,8 @@ class RunOptions(BaseModel):
     allow_crimes: bool = Field(False, description="Let mergekit merge unlike architectures.")
     seed: int = Field(
         0,
+        ge=0,
+        lt=2**32,  # numpy's and pycma's seeds; torch's too
         description="Seed of the searcher and of every random choice of the run.",
         json_schema_extra=cli("--random-seed"),
     )
@@ -173,8 +175,8 @@ class RunOptions(BaseModel):
     @field_validator("sigma0")
     @classmethod
     def _positive_sigma(cls, value: float | None) -> float | None:
-        if value is None or not value > 0:
-            raise ValueError("must be a positive step size, e.g. 0.1667")
+        if value is None or not 0 < value < float("inf"):
+            raise ValueError("must be a positive, finite step size, e.g. 0.1667")
         return value
 
     @field_validator("popsize")
