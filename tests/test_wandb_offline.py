@@ -80,3 +80,21 @@ def test_generation_statistics_best_score_and_best_config_reach_wandb(tmp_path, 
     assert [entry.path for entry in artifact.manifest.contents] == ["best_config.yaml"]
     written = b"".join(p.read_bytes() for p in (tmp_path / "wandb-dir").rglob("*") if p.is_file())
     assert b"sentinel-wandb-key-8901" not in written
+
+
+def test_offline_runs_go_where_wandb_puts_them_without_wandb_dir(tmp_path, monkeypatch):
+    """Without WANDB_DIR, wandb's convention: ./wandb in the working directory (not /tmp)."""
+    from evomerge.backends.wandb_logger import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    import wandb
+
+    wandb.teardown()  # wandb keeps its settings per process: the test before set WANDB_DIR
+    session = SearchSession(make_spec(tmp_path / "run", max_fevals=4, seed=1, wandb=True, wandb_project="evo-test"))
+    logger = WandbLogger(session)
+    run(session, observers=[logger])
+    logger.finish()
+    assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb")), "the run file is under ./wandb"

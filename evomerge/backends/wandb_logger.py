@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 
 from evomerge.core.run_report import generation_stats
 from evomerge.core.storage_layout import BEST_CONFIG
@@ -38,7 +37,8 @@ class WandbLogger:
                 "storage_path": spec.storage_path,
                 "fingerprint": spec.fingerprint(),
             },
-            dir=os.environ.get("WANDB_DIR") or tempfile.gettempdir(),
+            # No dir: wandb's own convention (WANDB_DIR, else ./wandb in the working directory),
+            # where `wandb sync` and users look for offline runs.
             reinit="finish_previous",
         )
 
