@@ -21,6 +21,8 @@ def check_storage_path(spec: RunSpec, store: RunStore | None = None) -> bool:
         manifest = store.read_json(RUN_MANIFEST)
         if manifest is not None and not isinstance(manifest, dict):
             raise DamagedFileError(f"{store.path(RUN_MANIFEST)} is damaged: it holds no JSON object")
+        if manifest is not None and not isinstance(manifest.get("fingerprint"), str):
+            raise DamagedFileError(f"{store.path(RUN_MANIFEST)} is damaged: it names no search (no fingerprint)")
     except DamagedFileError as exc:
         raise StorageMismatchError(
             f"{exc}. This file records which search the storage path holds. Restore it from a copy, "

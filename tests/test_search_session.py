@@ -134,19 +134,6 @@ def test_another_search_on_the_same_path_is_refused(tmp_path):
     SearchSession(make_spec(tmp_path, max_fevals=40, seed=1))  # a larger budget continues it
 
 
-@pytest.mark.parametrize(
-    "damaged", [b"\xff\xfe\x00", b'{"fingerprint": "ab', b"[]"], ids=["not-utf8", "truncated", "no-object"]
-)
-def test_a_damaged_run_manifest_is_named_with_the_way_forward(tmp_path, damaged):
-    run(SearchSession(make_spec(tmp_path, max_fevals=4, seed=1)))
-    (tmp_path / "run.json").write_bytes(damaged)
-    with pytest.raises(StorageMismatchError, match=r"run\.json .*Restore it from a copy, or delete it"):
-        SearchSession(make_spec(tmp_path, max_fevals=8, seed=1))
-    (tmp_path / "run.json").unlink()  # the way forward the message gives: the same search continues
-    resumed = SearchSession(make_spec(tmp_path, max_fevals=8, seed=1))
-    assert resumed.generations_done >= 1 and resumed.restore_notes == []
-
-
 def test_a_search_begun_with_the_old_default_searcher_keeps_its_fingerprint_and_is_continued_only_by_it(tmp_path):
     """0.2's default searcher was cma-es (sigma0 1/6), and its fingerprint had neither field
     set apart: a storage path it wrote keeps its fingerprint, and the new default (cma-es-box)
@@ -288,31 +275,6 @@ def test_a_search_that_only_asks_evaluated_merges_stops_converged_and_stays_stop
     resumed = SearchSession(spec)
     assert resumed.progress.idle_generations == 10 and resumed.should_stop() == reason
     assert resumed.search_finished, "a converged search gets its held-out scores like a spent one"
-
-
-@pytest.mark.parametrize("damaged", [b"\xff\xfe", b'{"key": ', b"[]"], ids=["not-utf8", "truncated", "no-object"])
-def test_a_damaged_final_model_marker_means_merging_the_best_again(tmp_path, monkeypatch, damaged):
-    """final_model.json only says which candidate final_model/ holds: damaged, it is unknown, so
-    the best is merged again (the merge itself is mergekit's, tested end to end)."""
-    import evomerge.final_model as final_model
-
-    merged = []
-
-    class RecordingMerger:
-        def __init__(self, *args, **kwargs):
-            pass
-
-        def merge(self, merge_config, target):
-            merged.append(target)
-
-    monkeypatch.setattr(final_model, "DiskMerger", RecordingMerger)
-    session = run(SearchSession(make_spec(tmp_path, max_fevals=4, seed=1)))
-    (tmp_path / "final_model.json").write_bytes(damaged)
-    assert final_model.save_final_model(session) == str(tmp_path / "final_model")
-    assert merged == [str(tmp_path / "final_model")]
-    assert json.loads((tmp_path / "final_model.json").read_text())["key"] == session.best.key
-    final_model.save_final_model(session)
-    assert len(merged) == 1, "a sound marker naming the best: nothing to merge"
 
 
 def test_failures_of_the_inputs_do_not_trap_the_path_and_retry_failed_continues_as_if_never_broken(tmp_path):
