@@ -158,5 +158,23 @@ def test_sigma0_defaults_to_the_searchers_own_and_an_explicit_one_is_kept():
     assert RunOptions(searcher="cma-es").sigma0 == 1 / 6  # upstream's, and 0.2's default
     assert RunOptions(sigma0=0.05).sigma0 == 0.05
     assert RunOptions(searcher="cma-es", sigma0=0.25).sigma0 == 0.25
-    with pytest.raises(ValueError, match="positive step size"):
+    with pytest.raises(ValueError, match="positive, finite step size"):
         RunOptions(sigma0=0.0)
+
+
+def _numeric_options() -> list[str]:
+    return [
+        name
+        for name, field in RunOptions.model_fields.items()
+        if any(t in str(field.annotation) for t in ("int", "float")) and field.annotation is not bool
+    ]
+
+
+@pytest.mark.parametrize("value", [-1, float("nan")], ids=["negative", "nan"])
+@pytest.mark.parametrize("name", _numeric_options())
+def test_every_numeric_option_refuses_negative_and_nan_values_naming_itself(name, value):
+    """Applied to every option RunOptions declares: a new numeric option is covered by this table."""
+    from evomerge.backends.prepare import ConfigurationError, build_options
+
+    with pytest.raises(ConfigurationError, match=rf"options: {name}: "):
+        build_options(**{name: value})

@@ -200,7 +200,7 @@ class RunOptions(BaseModel):
             raise ValueError("must be 0 or more")
         return value
 
-    @field_validator("timeout", "candidate_timeout")
+    @field_validator("timeout", "candidate_timeout", "slot_start_timeout")
     @classmethod
     def _positive_timeout(cls, value: float | None) -> float | None:
         if value is not None and not value > 0:
