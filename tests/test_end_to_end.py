@@ -204,25 +204,6 @@ def test_another_search_on_the_same_path_is_refused(finished_run):
     assert "holds another search" in result.stderr and "Use a new --storage-path" in result.stderr
 
 
-def test_a_metric_no_task_produces_stops_at_the_first_evaluation(tiny_models, tmp_path, prefect_api, ray_cluster):
-    config = write_config(tmp_path / "config.yml", tiny_models, tasks=[{"name": "tiny_rev", "metric": "f1,none"}])
-    result = run_evomerge(
-        config,
-        tmp_path / "run",
-        "--max-fevals",
-        "8",
-        "--popsize",
-        "4",
-        "--ray-address",
-        ray_cluster.address,
-        env=shared_env(prefect_api),
-    )
-    assert result.returncode == 1
-    assert "task 'tiny_rev' does not produce metric 'f1,none'; it produces acc,none. Set" in result.stderr
-    assert read_records(tmp_path / "run") == []
-    assert not (tmp_path / "run" / "checkpoints").exists(), "no generation was spent"
-
-
 def test_a_run_on_s3_storage(tiny_models, tmp_path, prefect_api, s3_endpoint, ray_cluster):
     """Records, best config, summary and final model on a real S3 API (moto_server, loopback)."""
     import s3fs

@@ -239,3 +239,15 @@ def test_a_long_invalid_value_is_never_echoed_whole(tmp_path, tiny_models):
     config = write_config(tmp_path / "c.yml", tiny_models, genome={"models": long_list, "merge_method": "nuslerp"})
     result = run_cli(config, tmp_path / "s")
     assert result.exit_code == 2 and len(result.output) < 3000, len(result.output)
+
+
+def test_a_metric_the_tasks_yaml_never_produces_is_refused_before_any_work(tmp_path, tiny_models):
+    """tiny_rev's YAML lists acc only (was found at the first evaluation, after the servers and
+    slots had started; a task whose YAML lists no metrics still is: tests/test_search_session.py)."""
+    config = write_config(tmp_path / "c.yml", tiny_models, tasks=[{"name": "tiny_rev", "metric": "f1,none"}])
+    assert_refused(
+        run_cli(config, tmp_path / "s"),
+        "task 'tiny_rev' does not produce metric 'f1,none'; it produces acc,none",
+        "Set 'metric:' of the task",
+        storage=tmp_path / "s",
+    )

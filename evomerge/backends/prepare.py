@@ -13,6 +13,7 @@ import json
 import os
 import socket
 from collections.abc import Sequence
+from typing import Any
 
 import yaml
 from pydantic import ValidationError
@@ -252,9 +253,13 @@ def _hub_config(ref: str, trust_remote_code: bool) -> dict:
         ) from exc
 
 
-def check_tasks(task_names: Sequence[str], search_paths: Sequence[str]) -> bool:
-    """Raise if lm-eval cannot find a task. Returns whether lm-eval's built-in tasks are needed
-    (``False`` lets every worker skip indexing the thousands of default task files)."""
+def check_tasks(
+    task_names: Sequence[str], search_paths: Sequence[str], metrics: Sequence[tuple[str, str]] = ()
+) -> bool:
+    """Raise if lm-eval cannot find a task, or if a task's YAML shows that it never produces the
+    metric configured for it (``metrics``: (task, metric) pairs). Returns whether lm-eval's
+    built-in tasks are needed (``False`` lets every worker skip indexing the thousands of default
+    task files)."""
     from lm_eval.tasks import TaskManager
 
     for p in search_paths:
@@ -263,6 +268,7 @@ def check_tasks(task_names: Sequence[str], search_paths: Sequence[str]) -> bool:
     if search_paths:
         custom = TaskManager(include_path=list(search_paths), include_defaults=False)
         if all(name in custom.all_tasks for name in task_names):
+            _check_named_metrics(custom, metrics)
             return False
     manager = TaskManager(include_path=list(search_paths) or None, include_defaults=True)
     known = manager.all_tasks
@@ -277,7 +283,41 @@ def check_tasks(task_names: Sequence[str], search_paths: Sequence[str]) -> bool:
             f"lm-eval cannot find task {', '.join(hints)}; searched {', '.join(searched)}. "
             "Fix the task name under 'tasks:', or add its folder with --task-search-path"
         )
+    _check_named_metrics(manager, metrics)
     return True
+
+
+def _check_named_metrics(manager: Any, metrics: Sequence[tuple[str, str]]) -> None:
+    """A configured metric that a task's YAML shows it never produces is refused now (else the
+    first evaluation finds it, after the servers and slots started). Only tasks whose YAML lists
+    its metrics are checked; lm-eval names each result ``<metric>,<filter>`` (filter ``none``
+    without a filter_list). The YAML is read as data: no function it names is imported."""
+    from lm_eval.tasks._index import Kind
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    for name, metric in metrics:
+        entry = manager.task_index.get(name)
+        if entry is None or entry.kind is not Kind.TASK or entry.yaml_path is None:
+            continue
+        try:
+            task_config = load_yaml(entry.yaml_path, resolve_func=False)
+        except Exception:  # lm-eval itself will report a task file it cannot read
+            continue
+        listed = task_config.get("metric_list") if isinstance(task_config, dict) else None
+        if not isinstance(listed, list) or not listed:
+            continue
+        filters = [f.get("name") for f in task_config.get("filter_list") or [] if isinstance(f, dict)] or ["none"]
+        produced = [
+            f"{m['metric']},{flt}"
+            for m in listed
+            if isinstance(m, dict) and isinstance(m.get("metric"), str)
+            for flt in filters
+        ]
+        if produced and metric not in produced:
+            raise ConfigurationError(
+                f"task {name!r} does not produce metric {metric!r}; it produces {', '.join(produced)} "
+                f"(its metric_list in {entry.yaml_path}). Set 'metric:' of the task to one of them"
+            )
 
 
 def check_ray_address(address: str) -> None:
@@ -347,8 +387,9 @@ def with_checked_tasks(spec: RunSpec) -> RunSpec:
     """Check that lm-eval knows every task (its import and task index are the costly part of
     validation, so the CLI runs this while the Prefect server boots); the RunSpec then says
     whether lm-eval's built-in tasks are needed at all."""
-    names = [t.name for t in [*spec.config.tasks, *(spec.config.held_out_tasks or [])]]
-    needed = check_tasks(list(dict.fromkeys(names)), spec.options.task_search_path)
+    tasks = [*spec.config.tasks, *(spec.config.held_out_tasks or [])]
+    names = [t.name for t in tasks]
+    needed = check_tasks(list(dict.fromkeys(names)), spec.options.task_search_path, [(t.name, t.metric) for t in tasks])
     return spec.model_copy(update={"include_default_tasks": needed})
 
 

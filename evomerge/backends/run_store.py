@@ -131,11 +131,20 @@ class RunStore:
         if self.is_local:
             if os.path.exists(self.root) and not os.path.isdir(self.root):
                 raise StorageError(f"--storage-path {where} is a file; give a folder (it is created if missing)")
+            # The folders made for the probe are removed again: a run refused later (a task name,
+            # say) leaves nothing behind; the run itself makes them when it writes.
+            made = []
+            folder = os.path.abspath(self.root)
+            while not os.path.exists(folder):
+                made.append(folder)
+                folder = os.path.dirname(folder)
             try:
                 os.makedirs(self.root, exist_ok=True)
                 with open(probe, "wb"):
                     pass
                 os.remove(probe)
+                for folder in made:
+                    os.rmdir(folder)
             except OSError as exc:
                 raise StorageError(
                     f"--storage-path {where} cannot be written ({exc.strerror or exc}: "
