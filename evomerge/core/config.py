@@ -102,17 +102,17 @@ class GenomeDefinition(_Strict):
                 f"merge_method {name!r} merges the listed models and has no base model; "
                 "add genome.base_model to genome.models, or remove it"
             )
+        _check_count(method, self.sources, method.sources, "models")
+        others = self.non_base_models
+        if method.non_base[0] >= 1 and not others:
+            raise ValueError("genome.models holds only the base model; list the fine-tuned models to merge")
+        _check_count(method, others, method.non_base, "models besides the base model")
         if len(self.sources) < 2:
             raise ValueError(
                 f"merge_method {name!r} would merge one model ({self.sources[0]}) with nothing: "
                 "the budget would score that one model again and again. List at least two models "
                 "(genome.models, plus genome.base_model where the method takes one)"
             )
-        _check_count(method, self.sources, method.sources, "models")
-        others = self.non_base_models
-        if method.non_base[0] >= 1 and not others:
-            raise ValueError("genome.models holds only the base model; list the fine-tuned models to merge")
-        _check_count(method, others, method.non_base, "models besides the base model")
         if method.per_group and (self.smooth or self.filters):
             raise ValueError(
                 f"merge_method {name!r} supports neither 'smooth' nor 'filters' (it searches "
