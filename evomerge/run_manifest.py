@@ -20,9 +20,9 @@ def check_storage_path(spec: RunSpec, store: RunStore | None = None) -> bool:
     try:
         manifest = store.read_json(RUN_MANIFEST)
         if manifest is not None and not isinstance(manifest, dict):
-            raise DamagedFileError(f"{store.path(RUN_MANIFEST)} is damaged: it holds no JSON object")
+            raise DamagedFileError(store.path(RUN_MANIFEST), "it holds no JSON object")
         if manifest is not None and not isinstance(manifest.get("fingerprint"), str):
-            raise DamagedFileError(f"{store.path(RUN_MANIFEST)} is damaged: it names no search (no fingerprint)")
+            raise DamagedFileError(store.path(RUN_MANIFEST), "it names no search (no fingerprint)")
     except DamagedFileError as exc:
         raise StorageMismatchError(
             f"{exc}. This file records which search the storage path holds. Restore it from a copy, "
@@ -38,10 +38,7 @@ def check_storage_path(spec: RunSpec, store: RunStore | None = None) -> bool:
         if begun_with != spec.options.searcher:
             raise StorageMismatchError(
                 f"storage path {spec.storage_path} holds a search begun with --searcher {begun_with}"
-                + {
-                    "cma-es": " (the default before evomerge 0.3)",
-                    "cma-es-box": " (the default of evomerge 0.3 and 0.4)",
-                }.get(begun_with, "")
+                + (" (the default before evomerge 0.3)" if begun_with == "cma-es" else "")
                 + f", and this run asks for --searcher {spec.options.searcher}: add --searcher "
                 f"{begun_with} to continue it, or use a new --storage-path"
             )

@@ -67,8 +67,10 @@ def make_searcher(spec: RunSpec) -> Searcher:
     x0 = space.initial_point(rng if spec.config.random_init else None)
     assert options.sigma0 is not None  # RunOptions fills in the searcher's default
     box = space.box() if options.searcher in ("cma-es-box", "cma-es-box-mirrored-elitist") else None
-    default = options.searcher == "cma-es-box-mirrored-elitist"
-    return CmaEsSearcher(x0, options.sigma0, options.seed, options.popsize, box=box, mirrored=default, elitist=default)
+    mirrored_elitist = options.searcher == "cma-es-box-mirrored-elitist"
+    return CmaEsSearcher(
+        x0, options.sigma0, options.seed, options.popsize, box=box, mirrored=mirrored_elitist, elitist=mirrored_elitist
+    )
 
 
 class SearchSession:
@@ -140,13 +142,15 @@ class SearchSession:
                     told_from = record.generation if told_from is None else min(told_from, record.generation)
         if not moved:
             return
-        checkpoints = [
-            name
-            for name in self.store.list_names(CHECKPOINTS)
-            if told_from is not None and name.endswith(".json") and name[:-5].isdigit() and int(name[:-5]) >= told_from
-        ]
+        # Checkpoints run 0, 1, ... without a gap (replay stops at the first missing one).
+        stored = set(self.store.list_names(CHECKPOINTS))
+        checkpoints = []
+        step = told_from
+        while step is not None and checkpoint_name(step).rpartition("/")[2] in stored:
+            checkpoints.append(checkpoint_name(step))
+            step += 1
         for name in checkpoints:
-            self.store.set_aside(f"{CHECKPOINTS}/{name}")
+            self.store.set_aside(name)
         self.restore_notes.append(
             f"--retry-failed: {moved} failed record(s) moved to quarantine/"
             + (f", and the checkpoints of generation {told_from} on ({len(checkpoints)})" if checkpoints else "")

@@ -123,9 +123,8 @@ def inspect_models(config: EvolveConfig, trust_remote_code: bool = False) -> Mod
 
 
 def _model_facts(ref: str, trust_remote_code: bool) -> ModelFacts:
-    path = os.path.expanduser(ref.split("@")[0])
-    looks_local = os.path.isabs(path) or path.startswith(".") or os.path.exists(path)
-    if looks_local:
+    path = _local_path(ref)
+    if path is not None:
         raw = _local_model_config(ref, path)
         check_model_weights(ref, path)
     else:
@@ -140,6 +139,13 @@ def _model_facts(ref: str, trust_remote_code: bool) -> ModelFacts:
         ) from exc
     dtype = raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"
     return ModelFacts(architecture=architecture, num_layers=num_layers, dtype=str(dtype))
+
+
+def _local_path(ref: str) -> str | None:
+    """The folder a model reference names on this machine, or None for a Hugging Face Hub name
+    (``name@revision``)."""
+    path = os.path.expanduser(ref.split("@")[0])
+    return path if os.path.isabs(path) or path.startswith(".") or os.path.exists(path) else None
 
 
 def _local_model_config(ref: str, path: str) -> dict:
@@ -222,8 +228,8 @@ def check_tokenizer_source(config: EvolveConfig, trust_remote_code: bool) -> Non
     if source is None or source in ("base", "union"):
         return
     ref = source.removeprefix("model:")
-    path = os.path.expanduser(ref.split("@")[0])
-    if os.path.isabs(path) or path.startswith(".") or os.path.exists(path):
+    path = _local_path(ref)
+    if path is not None:
         if not os.path.isdir(path):
             raise ConfigurationError(
                 f"genome.tokenizer_source {source!r} is not a model folder"

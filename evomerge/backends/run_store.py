@@ -66,6 +66,10 @@ class DamagedFileError(StorageError):
     each reader takes its documented path (a record is quarantined, a checkpoint ends the
     replay, a lease holds nothing); where none exists, the message names the file."""
 
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path} is damaged: {reason}")
+        self.reason = reason
+
 
 class RunStore:
     def __init__(
@@ -224,7 +228,7 @@ class RunStore:
         try:
             return data.decode()
         except UnicodeDecodeError as exc:
-            raise DamagedFileError(f"{target} is damaged: byte {exc.start} of {len(data)} is not UTF-8 text") from exc
+            raise DamagedFileError(target, f"byte {exc.start} of {len(data)} is not UTF-8 text") from exc
 
     def write_json(self, rel: str, value: Any) -> None:
         self.write_text(rel, json.dumps(value, indent=2, sort_keys=True, allow_nan=False) + "\n")
@@ -236,7 +240,7 @@ class RunStore:
         try:
             return json.loads(text)
         except json.JSONDecodeError as exc:
-            raise DamagedFileError(f"{self.path(rel)} is not valid JSON ({exc}); it may be truncated") from exc
+            raise DamagedFileError(self.path(rel), f"not valid JSON ({exc}); it may be truncated") from exc
 
     # --- records ---------------------------------------------------------------------------
     def write_record(self, record: CandidateRecord, folder: RecordFolder = CANDIDATES) -> None:
@@ -285,7 +289,7 @@ class RunStore:
                 record = CandidateRecord.model_validate_json(text or "")
                 problem = None
             except DamagedFileError as exc:
-                problem = f"cannot be read ({str(exc).rsplit(' is damaged: ', 1)[-1]})"
+                problem = f"cannot be read ({exc.reason})"
             except ValueError as exc:
                 problem = f"cannot be read ({str(exc).splitlines()[0]}; truncated?)"
             if problem is None and record.format_version != RECORD_FORMAT_VERSION:
