@@ -95,11 +95,10 @@ def deployment_run(env: dict, api: str, **parameters) -> dict:
     return run
 
 
-def test_scheduled_deployment_runs_continue_the_reference_search_exactly(
-    deployed, postgres_server, reference_search, ray_cluster, tmp_path
-):
-    """A scheduled long run: each flow run has a budget of one generation and resumes the last;
-    together they ask and score exactly what the uninterrupted reference search did."""
+@pytest.fixture(scope="module")
+def scheduled_search(deployed, postgres_server, reference_search, ray_cluster, tmp_path_factory):
+    """A scheduled long run: two flow runs of the deployment, each with a budget of one
+    generation, the second resuming the first. Its storage path and the summary after each run."""
     common = {
         "config": str(reference_search.search_config),
         "task_search_path": [str(TASKS_DIR)],
@@ -112,17 +111,63 @@ def test_scheduled_deployment_runs_continue_the_reference_search_exactly(
         "generations_per_run": 1,
         "ray_address": ray_cluster.address,
     }
-    scheduled = tmp_path / "scheduled"
-    deployment_run(deployed, postgres_server.api, storage_path=str(scheduled), **common)
-    first = json.loads((scheduled / "summary.json").read_text())
+    scheduled = tmp_path_factory.mktemp("scheduled")
+    summaries = []
+    for _ in range(2):
+        deployment_run(deployed, postgres_server.api, storage_path=str(scheduled), **common)
+        summaries.append(json.loads((scheduled / "summary.json").read_text()))
+    return SimpleNamespace(storage=scheduled, summaries=summaries)
+
+
+def test_scheduled_deployment_runs_continue_the_reference_search_exactly(
+    scheduled_search, postgres_server, reference_search
+):
+    """Together the two runs ask and score exactly what the uninterrupted reference search did."""
+    first, second = scheduled_search.summaries
     assert first["paused"] is True and first["evaluations"] == 4
-    deployment_run(deployed, postgres_server.api, storage_path=str(scheduled), **common)
-    second = json.loads((scheduled / "summary.json").read_text())
     assert second["paused"] is False and second["evaluations"] == 8
-    assert trajectory(scheduled) == reference_search.trajectory[:2]
-    records = read_records(scheduled)
+    assert trajectory(scheduled_search.storage) == reference_search.trajectory[:2]
+    records = read_records(scheduled_search.storage)
     assert len(records) == 8 and all(reference_search.scores[r["key"]] == r["score"] for r in records)
 
     # The runs are in PostgreSQL: the server kept nothing in SQLite.
     rows = postgres_server.postgres.psql("select name, state_type from flow_run order by name;")
     assert "generation-0" in rows and "generation-1" in rows and "COMPLETED" in rows, rows
+
+
+def test_the_prefect_ui_shows_the_runs_and_their_artifacts(scheduled_search, postgres_server, tmp_path):
+    """What a user watches: deployments/ui_screenshots.py opens, in headless Chromium, the
+    evolve run, its Artifacts tab, the last generation's Artifacts tab and every artifact page
+    of the scheduled search on the real server, and waits on each for the text it must show
+    (the run's name, the artifact's key); any page that does not render fails it."""
+    sys.path.insert(0, str(REPO / "deployments"))
+    from ui_screenshots import find_chromium
+
+    if find_chromium(None) is None:
+        pytest.skip(
+            "no Chromium on this machine: install Debian's chromium-headless-shell (.ci/run does) "
+            "or set EVOMERGE_CHROMIUM"
+        )
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "deployments" / "ui_screenshots.py"),
+            "--api-url",
+            postgres_server.api,
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    shots = {p.stem: p.stat().st_size for p in tmp_path.glob("*.png")}
+    ui = next(iter(shots)).split("-", 1)[0]
+    expected = {f"{ui}-evolve-run", f"{ui}-evolve-artifacts", f"{ui}-generation-1-artifacts"}
+    assert expected <= set(shots), sorted(shots)
+    # The artifacts a search publishes: the candidates table and the best config among them.
+    artifacts = [name for name in shots if name.startswith(f"{ui}-artifact-")]
+    assert any("-table-" in name for name in artifacts) and any("-markdown-" in name for name in artifacts), artifacts
+    assert not list(tmp_path.glob("*.failed.png"))
+    assert all(size > 10_000 for size in shots.values()), shots  # a page with content, not blank
