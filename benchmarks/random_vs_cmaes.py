@@ -2,7 +2,11 @@
 
     python benchmarks/random_vs_cmaes.py [--config examples/multiskill/config.yml]
         [--task-search-path examples/multiskill/tasks] [--budget 96] [--seeds 0 1 2 3 4]
-        [--popsize 8] [--sigma0 0.3] [--workers 2]
+        [--popsize 8] [--sigma0 0.3] [--workers 2] [--methods cma-es random]
+
+``--methods`` picks among ``METHODS`` (below): besides the two above, ``cma-es-box`` (the default
+searcher) and ``cma-es-box-racing`` (the same with ``--racing``: the items each search scored,
+against scoring every candidate on every item, are printed too).
 
 Run from the repository root. Both methods search the config's space with the same evaluation
 code and budget, in plain processes (no Prefect, no Ray; one torch thread each):
@@ -30,6 +34,14 @@ import time
 import numpy as np
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval progress bars, per candidate
+
+# Each method's options (everything else as the command line sets it).
+METHODS: dict[str, dict] = {
+    "cma-es": {"searcher": "cma-es"},
+    "random": {"searcher": "random"},
+    "cma-es-box": {"searcher": "cma-es-box"},
+    "cma-es-box-racing": {"searcher": "cma-es-box", "racing": True},
+}
 
 
 def _worker_setup(config: str, task_paths: list[str], popsize: int, sigma0: float) -> None:
@@ -67,14 +79,18 @@ def run_one(job: tuple[str, int, int]) -> dict:
         sigma0=sigma0,
         seed=seed,
         max_fevals=budget,
-        searcher=method,
         task_search_path=task_paths,
         save_final_model=False,
         baselines=False,
         held_out_top=1,
+        **METHODS[method],
     )
     spec = prepare_run(config, tempfile.mkdtemp(prefix=f"bench-{method}-{seed}-"), options, check_task_names=False)
     session = SearchSession(spec)
+    # One worker serves every search of this process: a racing search's racer reads its own board.
+    from evomerge.backends.racer import Racer
+
+    WORKER.racer = Racer(spec, WORKER.evaluator, session.store) if spec.options.racing else None
     started = time.perf_counter()
     # The search's own loop; with held_out_tasks in the config it ends by scoring the best
     # candidate on them.
@@ -82,7 +98,9 @@ def run_one(job: tuple[str, int, int]) -> dict:
     seconds = time.perf_counter() - started
     best = session.best
     (held_out,) = [r for r in session.held_out.values() if r.search_key == best.key]
+    summary = session.summary()
     return {
+        "items_ratio": summary["items_scored"] / summary["items_full"] if summary["items_full"] else 1.0,
         "method": method,
         "seed": seed,
         "evaluations": session.evaluations,
@@ -118,9 +136,10 @@ def main() -> None:
     parser.add_argument("--popsize", type=int, default=8)
     parser.add_argument("--sigma0", type=float, default=0.3)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--methods", nargs="+", default=["cma-es", "random"], choices=list(METHODS))
     args = parser.parse_args()
     task_paths = args.task_search_path or ["examples/multiskill/tasks"]
-    jobs = [(method, seed, args.budget) for seed in args.seeds for method in ("cma-es", "random")]
+    jobs = [(method, seed, args.budget) for seed in args.seeds for method in args.methods]
     started = time.perf_counter()
     context = multiprocessing.get_context("spawn")
     with context.Pool(
@@ -134,18 +153,24 @@ def main() -> None:
         f"{args.workers} worker processes"
     )
     print(f"uniform merge, held out: {uniform:.4f}")
-    print(f"{'method':8s} {'seed':>4s} {'evals':>5s} {'best search':>11s} {'its held out':>12s} {'seconds':>8s}")
+    print(
+        f"{'method':18s} {'seed':>4s} {'evals':>5s} {'best search':>11s} {'its held out':>12s} "
+        f"{'items ratio':>11s} {'seconds':>8s}"
+    )
     for r in sorted(results, key=lambda r: (r["method"], r["seed"])):
         print(
-            f"{r['method']:8s} {r['seed']:4d} {r['evaluations']:5d} {r['search']:11.4f} "
-            f"{r['held_out']:12.4f} {r['seconds']:8.1f}"
+            f"{r['method']:18s} {r['seed']:4d} {r['evaluations']:5d} {r['search']:11.4f} "
+            f"{r['held_out']:12.4f} {r['items_ratio']:11.3f} {r['seconds']:8.1f}"
         )
-    for method in ("cma-es", "random"):
+    for method in args.methods:
         held = np.array([r["held_out"] for r in results if r["method"] == method])
         search = np.array([r["search"] for r in results if r["method"] == method])
+        items = np.array([r["items_ratio"] for r in results if r["method"] == method])
+        sd = held.std(ddof=1) if held.size > 1 else 0
         print(
-            f"{method:8s} held out: mean {held.mean():.4f}, sd {held.std(ddof=1) if held.size > 1 else 0:.4f}, "
-            f"min {held.min():.4f}, max {held.max():.4f}; best search fitness: mean {search.mean():.4f}"
+            f"{method:18s} held out: mean {held.mean():.4f}, sd {sd:.4f}, SE {sd / np.sqrt(held.size):.4f}, "
+            f"min {held.min():.4f}, max {held.max():.4f}; best search fitness: mean {search.mean():.4f}; "
+            f"items scored / full: mean {items.mean():.3f}"
         )
 
 

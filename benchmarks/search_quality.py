@@ -20,6 +20,10 @@ Every system gets the same ``mergekit-evolve`` config, unchanged:
   simulated clock; seeded), an idle slot taking a vector drawn ahead: the search loop with
   ``--barrier-free`` and a stream runner whose slots are simulated (each candidate is scored
   when a slot takes it; its result is delivered when its simulated duration has passed);
+- ``evomerge-racing``: the default with ``--racing`` (each candidate scored in stages, stopped when
+  the generation's candidates already scored beat it with confidence); a stopped candidate never
+  counts as a best found, and the items it scored are counted (``--racing-table`` prints the
+  items scored against scoring every item, and the quality against ``evomerge``);
 - ``upstream``: ``mergekit-evolve`` of mergekit 0.1.4 in its own virtual environment, built on
   first use (``benchmarks/planted/upstream.py``), on a local Ray with one fake GPU.
 
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing
 import os
 import statistics
@@ -61,6 +66,8 @@ SYSTEM_OPTIONS: dict[str, dict] = {
     "random": {"searcher": "random"},
     "evomerge-barrier-free-4": {"barrier_free": True},
     "evomerge-barrier-free-8": {"barrier_free": True},
+    "evomerge-racing": {"racing": True},
+    "evomerge-racing-80": {"racing": True, "racing_confidence": 0.8},
 }
 # Barrier-free: slots simulated per system (the order results come back in).
 BARRIER_FREE_SLOTS = {"evomerge-barrier-free-4": 4, "evomerge-barrier-free-8": 8}
@@ -107,6 +114,10 @@ def run_evomerge(job: tuple[str, str, int, int, str]) -> dict:
     )
     spec = prepare_run(str(config), tempfile.mkdtemp(prefix=f"quality-{system}-"), options, check_task_names=False)
     session = SearchSession(spec)
+    if spec.options.racing:  # the problem's worker serves every search: race against this one's board
+        from evomerge.backends.racer import Racer
+
+        worker.racer = Racer(spec, worker.evaluator, session.store)  # type: ignore[attr-defined]
     started = time.perf_counter()
     sigmas: list[float] = []
 
@@ -124,8 +135,13 @@ def run_evomerge(job: tuple[str, str, int, int, str]) -> dict:
         submitted = [r.key for r in sorted(session.records.values(), key=lambda r: (r.generation, r.index))]
     records = [session.records[k] for k in submitted]
     session.close()
+    if spec.options.racing:
+        worker.racer = None  # type: ignore[attr-defined]
     return {
-        "scores": [r.score if r.status == "ok" else None for r in records],
+        # What a user can get as the best: candidates scored on every item.
+        "scores": [r.score if r.status == "ok" and r.fully_scored else None for r in records],
+        # Racing: items each evaluation scored, and what it would have scored on every item.
+        "items": [[r.race.items_scored, r.race.items_full] if r.race else None for r in records],
         "sigmas": sigmas,
         "seconds": time.perf_counter() - started,
     }
@@ -230,6 +246,40 @@ def report(results: Path, problems: list[str], systems: list[str], seeds: list[i
     return "\n".join(lines)
 
 
+def racing_report(results: Path, problems: list[str], seeds: list[int]) -> str:
+    """Racing against scoring every item, the same candidate budget: items scored over a full
+    evaluation's, and the best found, against the spread of the full evaluation's seeds."""
+    lines = [
+        "| problem | budget | full: median best (SE) | racing: median best | within 1 SE | items ratio (median) |",
+        "|---|---:|---:|---:|:---:|---:|",
+    ]
+    for problem in problems:
+        runs = {
+            system: [
+                json.loads(path.read_text())
+                for seed in seeds
+                if (path := results / system / problem / f"{seed}.json").exists()
+            ]
+            for system in ("evomerge", "evomerge-racing")
+        }
+        if not runs["evomerge"] or not runs["evomerge-racing"]:
+            continue
+        for budget in BUDGETS:
+            full = [best_within(r["scores"], budget) for r in runs["evomerge"]]
+            raced = [best_within(r["scores"], budget) for r in runs["evomerge-racing"]]
+            se = statistics.stdev(full) / len(full) ** 0.5 if len(full) > 1 else float("nan")
+            ratios = [
+                sum(i[0] for i in r["items"][:budget] if i) / sum(i[1] for i in r["items"][:budget] if i)
+                for r in runs["evomerge-racing"]
+            ]
+            within = statistics.median(raced) >= statistics.median(full) - (0.0 if math.isnan(se) else se)
+            lines.append(
+                f"| {problem} | {budget} | {statistics.median(full):.3f} ({se:.3f}) | {statistics.median(raced):.3f} "
+                f"| {'yes' if within else 'no'} | {statistics.median(ratios):.2f} |"
+            )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -246,6 +296,9 @@ def main() -> None:
     )
     parser.add_argument("--results", type=Path, default=Path("runs/search_quality"))
     parser.add_argument("--report", action="store_true", help="only print the table of the results kept")
+    parser.add_argument(
+        "--racing-table", action="store_true", help="also print racing against full evaluation (items, quality)"
+    )
     args = parser.parse_args()
     budget = max(BUDGETS)
     results = args.results.resolve()
@@ -280,6 +333,8 @@ def main() -> None:
             for line in pending:
                 print(line, flush=True)
     print(report(results, args.problems, args.systems, args.seeds))
+    if args.racing_table:
+        print(racing_report(results, args.problems, args.seeds))
 
 
 def _run_and_keep(item: tuple[tuple[str, str, int, int, str], str]) -> str:

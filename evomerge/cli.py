@@ -214,6 +214,12 @@ def _print_summary(summary: dict) -> None:
         f" ({summary['failed_evaluations']} failed)"
     )
     click.echo(f"  generations       : {summary['generations']}")
+    if summary.get("items_scored") is not None:
+        click.echo(
+            f"  items scored      : {summary['items_scored']} of {summary['items_full']} "
+            f"({summary['items_scored'] / summary['items_full']:.0%}; --racing stopped "
+            f"{summary['stopped_early']} candidates early)"
+        )
     best = summary.get("best_fitness")
     click.echo(f"  best fitness      : {best:.6f}" if best is not None else "  best fitness      : none")
     if summary.get("best_metrics"):

@@ -43,6 +43,7 @@ from evomerge.core.storage_layout import (
     HELD_OUT,
     SUMMARY,
     checkpoint_name,
+    race_entry_name,
     record_name,
 )
 from evomerge.core.suggestion_feed import SuggestionFeed
@@ -88,7 +89,9 @@ class SearchSession:
         self.settings = spec.evaluation
         ensure_manifest(spec, self.store)
         self.searcher = make_searcher(spec)
-        self.rules = StoppingRules(spec.options.max_fevals, spec.options.timeout, spec.options.generations_per_run)
+        self.rules = StoppingRules(
+            spec.options.max_fevals, spec.options.timeout, spec.options.generations_per_run, spec.options.max_items
+        )
         # What resume had to work around (unreadable files), for the flow to show.
         self.restore_notes: list[str] = []
         self.records = self.store.read_records(self.restore_notes.append, folder=CANDIDATES)
@@ -97,7 +100,10 @@ class SearchSession:
         self.held_out = self.store.read_records(self.restore_notes.append, folder=HELD_OUT)
         if spec.options.retry_failed:
             self._set_failed_aside()
-        self.progress = SearchProgress(evaluations=len(self.records))
+        self.progress = SearchProgress(
+            evaluations=len(self.records),
+            items_scored=sum(r.race.items_scored for r in self.records.values() if r.race is not None),
+        )
         self.started = time.monotonic()
         self.finished_reason: str | None = None
         self.paused = False  # stopped by --generations-per-run: the search itself goes on later
@@ -373,16 +379,22 @@ class SearchSession:
         self.progress.evaluations += 1
         self.progress.evaluated_this_run += 1
         log.info(
-            "candidate %d.%d %s recorded: %s",
+            "candidate %d.%d %s recorded: %s%s",
             record.generation,
             record.index,
             record.key,
             f"fitness {record.score:.6f}" if record.status == "ok" else f"failed ({record.error})",
+            ""
+            if record.fully_scored
+            else f" on {record.race.items_scored} of {record.race.items_full} items (raced out)",
         )
         failpoint("after-record")
         self.records[record.key] = record
         self._recorded_here.append(record)
-        if record.status == "ok" and (self._best is None or record.score > self._best.score):
+        if record.race is not None:
+            self.progress.items_scored += record.race.items_scored
+            self.store.write_json(race_entry_name(record.generation, record.key), record.race.item_scores)
+        if record.status == "ok" and record.fully_scored and (self._best is None or record.score > self._best.score):
             self._best = record
             self.store.write_text(BEST_CONFIG, best_config_yaml(record))
         for suggestion_id in self._untold.pop(record.key, []):

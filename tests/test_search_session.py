@@ -139,12 +139,13 @@ def test_a_search_begun_with_the_old_default_searcher_keeps_its_fingerprint_and_
     set apart: a storage path it wrote keeps its fingerprint, and the new default (cma-es-box)
     refuses to continue it with a message that says how to."""
     from evomerge.core.records import canonical_json
-    from evomerge.core.run_spec import _NOT_IN_FINGERPRINT
+    from evomerge.core.run_spec import _IN_FINGERPRINT_UNLESS, _NOT_IN_FINGERPRINT
 
     old = make_spec(tmp_path, max_fevals=8, seed=1, searcher="cma-es")
     assert old.options.sigma0 == 1 / 6
-    # the fingerprint as 0.2 computed it: every search-shaping option but searcher
-    shaping = old.options.model_dump(mode="json", exclude=_NOT_IN_FINGERPRINT | {"searcher"})
+    # the fingerprint as 0.2 computed it: every search-shaping option but searcher (and those
+    # added since, at their 0.2 behaviour: racing off)
+    shaping = old.options.model_dump(mode="json", exclude=_NOT_IN_FINGERPRINT | set(_IN_FINGERPRINT_UNLESS))
     payload = {
         "config": old.config.model_dump(mode="json", exclude={"held_out_tasks"}),
         "options": shaping,

@@ -251,3 +251,23 @@ def test_a_metric_the_tasks_yaml_never_produces_is_refused_before_any_work(tmp_p
         "Set 'metric:' of the task",
         storage=tmp_path / "s",
     )
+
+
+def test_racing_a_task_that_cannot_be_raced_is_refused_before_any_work(tmp_path, tiny_models):
+    """--racing scores tasks in stages: a group of tasks, or a metric whose YAML aggregates it
+    otherwise than as a mean over items, is refused naming the task (the CLI, then the check
+    itself for the group)."""
+    from evomerge.backends.prepare import ConfigurationError, check_tasks
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    yaml_text = (TASKS_DIR / "tiny_rev.yaml").read_text().replace("task: tiny_rev", "task: tiny_rev_median")
+    (tasks / "tiny_rev_median.yaml").write_text(yaml_text.replace("aggregation: mean", "aggregation: median"))
+    (tasks / "both.yaml").write_text("group: both_skills\ntask: [tiny_rev, tiny_shift]\n")
+    config = write_config(tmp_path / "c.yml", tiny_models, tasks=[{"name": "tiny_rev_median"}])
+    result = run_cli(config, tmp_path / "s", "--task-search-path", str(tasks), "--racing")
+    assert_refused(result, "--racing needs metrics that are means over items", "'tiny_rev_median'", storage=tmp_path / "s")
+    assert run_cli(config, tmp_path / "s", "--task-search-path", str(tasks), "--max-items", "100").exit_code == 2
+    with pytest.raises(ConfigurationError, match="'both_skills' is a group or tag"):
+        check_tasks(["both_skills"], [str(TASKS_DIR), str(tasks)], [("both_skills", "acc,none")], raced=["both_skills"])
+    check_tasks(["tiny_rev"], [str(TASKS_DIR)], [("tiny_rev", "acc,none")], raced=["tiny_rev"])  # a mean: raced

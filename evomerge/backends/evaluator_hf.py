@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from evomerge.backends.lm_eval_tasks import load_task_objects
-from evomerge.core.records import EvaluationSettings
+from evomerge.core.records import EvaluationSettings, RaceResult
 
 
 @dataclass
@@ -20,6 +21,7 @@ class Scores:
     item_scores: dict[str, list[float]] = field(default_factory=dict)
     load_seconds: float = 0.0  # loading a model folder (0 for a resident model)
     evaluate_seconds: float = 0.0
+    race: RaceResult | None = None  # --racing: how far it was scored
 
 
 class HFEvaluator:
@@ -45,21 +47,25 @@ class HFEvaluator:
         self.trust_remote_code = trust_remote_code
         self.task_manager, self.tasks = load_task_objects(settings.task_names, search_paths, include_defaults)
 
-    def evaluate(self, model_path: str) -> Scores:
-        """Load a model folder and score it."""
+    def load(self, model_path: str):
+        """lm-eval's model for a folder."""
         from lm_eval.models.huggingface import HFLM
 
-        started = time.perf_counter()
-        lm = HFLM(
+        return HFLM(
             pretrained=model_path,
             device=self.device,
             batch_size=self.batch_size,
             dtype=self.dtype,
             trust_remote_code=self.trust_remote_code,
         )
+
+    def evaluate(self, model_path: str, score: Callable[[Any], Scores] | None = None) -> Scores:
+        """Load a model folder and score it (with ``score``: its way, e.g. in racing stages)."""
+        started = time.perf_counter()
+        lm = self.load(model_path)
         loaded = time.perf_counter()
         try:
-            scores = self.score(lm)
+            scores = (score or self.score)(lm)
         finally:
             del lm
         scores.load_seconds = loaded - started
@@ -67,24 +73,54 @@ class HFEvaluator:
 
     def score(self, lm) -> Scores:
         """Score a model lm-eval already holds (a loaded folder, or the resident model)."""
+        started = time.perf_counter()
+        out = self._simple_evaluate(lm, self.tasks, limit=self.settings.limit, log_samples=self.per_item)
+        items = _item_scores(out.get("samples") or {}, self.settings.tasks) if self.per_item else {}
+        return Scores(out["results"], items, evaluate_seconds=time.perf_counter() - started)
+
+    def item_counts(self) -> dict[str, int]:
+        """How many items each task has (after the config's ``limit``, as lm-eval applies it)."""
+        limit = self.settings.limit
+        counts = {}
+        for task in self.tasks:
+            total = len(task.eval_docs)
+            counts[task.config.task] = (
+                total if limit is None else min(total, math.ceil(total * limit) if limit < 1 else int(limit))
+            )
+        return counts
+
+    def score_items(self, lm, items: Mapping[str, Sequence[int]]) -> dict[str, dict[int, dict[str, float]]]:
+        """Each listed item's metric values (``name,filter`` -> value), by task and document index."""
+        samples = {name: sorted(indices) for name, indices in items.items() if indices}
+        if not samples:
+            return {}
+        # lm-eval walks a task's documents in their own order and names the j-th one it meets
+        # samples[j]: the indices must go in sorted (above), or items get each other's names.
+        tasks = [task for task in self.tasks if task.config.task in samples]
+        out = self._simple_evaluate(lm, tasks, samples=samples, log_samples=True)
+        values: dict[str, dict[int, dict[str, float]]] = {name: {} for name in samples}
+        for name, rows in (out.get("samples") or {}).items():
+            for row in rows:
+                metrics = values[name].setdefault(row["doc_id"], {})
+                for metric in row["metrics"]:
+                    metrics[f"{metric},{row['filter']}"] = float(row[metric])
+        return values
+
+    def _simple_evaluate(self, lm, tasks, **selection) -> dict[str, Any]:
         import lm_eval
 
-        started = time.perf_counter()
         with _without_environment_report():
-            out = lm_eval.simple_evaluate(
+            return lm_eval.simple_evaluate(
                 model=lm,
-                tasks=self.tasks,
+                tasks=tasks,
                 task_manager=self.task_manager,
-                limit=self.settings.limit,
                 num_fewshot=self.settings.num_fewshot,
                 apply_chat_template=self.settings.apply_chat_template,
                 fewshot_as_multiturn=self.settings.fewshot_as_multiturn and self.settings.apply_chat_template,
-                log_samples=self.per_item,
                 bootstrap_iters=0,  # stderr bootstraps cost seconds and do not enter the fitness
                 use_cache=None,  # lm-eval's response cache has no model identity: never use it
+                **selection,
             )
-        items = _item_scores(out.get("samples") or {}, self.settings.tasks) if self.per_item else {}
-        return Scores(out["results"], items, evaluate_seconds=time.perf_counter() - started)
 
 
 @contextmanager

@@ -11,7 +11,7 @@ model for vLLM); weight updates of a resident engine (``--vllm --in-memory``) ar
 from __future__ import annotations
 
 import gc
-import time
+from collections.abc import Callable
 from typing import Any
 
 from evomerge.backends.evaluator_hf import HFEvaluator, Scores
@@ -38,16 +38,13 @@ class VLLMEvaluator(HFEvaluator):
             "gpu_memory_utilization": self.gpu_memory_utilization,
         }
 
-    def evaluate(self, model_path: str) -> Scores:
+    def load(self, model_path: str):
         from lm_eval.models.vllm_causallms import VLLM
 
-        started = time.perf_counter()
-        lm = VLLM(**self.model_args(model_path))
-        loaded = time.perf_counter()
+        return VLLM(**self.model_args(model_path))
+
+    def evaluate(self, model_path: str, score: Callable[[Any], Scores] | None = None) -> Scores:
         try:
-            scores = self.score(lm)
+            return super().evaluate(model_path, score)
         finally:
-            del lm
             gc.collect()  # the engine holds the GPU until collected; the next candidate needs it
-        scores.load_seconds = loaded - started
-        return scores

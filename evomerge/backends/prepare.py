@@ -260,12 +260,16 @@ def _hub_config(ref: str, trust_remote_code: bool) -> dict:
 
 
 def check_tasks(
-    task_names: Sequence[str], search_paths: Sequence[str], metrics: Sequence[tuple[str, str]] = ()
+    task_names: Sequence[str],
+    search_paths: Sequence[str],
+    metrics: Sequence[tuple[str, str]] = (),
+    raced: Sequence[str] = (),
 ) -> bool:
     """Raise if lm-eval cannot find a task, or if a task's YAML shows that it never produces the
-    metric configured for it (``metrics``: (task, metric) pairs). Returns whether lm-eval's
-    built-in tasks are needed (``False`` lets every worker skip indexing the thousands of default
-    task files)."""
+    metric configured for it (``metrics``: (task, metric) pairs), or, for the tasks scored with
+    --racing (``raced``), that it is a group or averages its metric otherwise than over items.
+    Returns whether lm-eval's built-in tasks are needed (``False`` lets every worker skip
+    indexing the thousands of default task files)."""
     from lm_eval.tasks import TaskManager
 
     for p in search_paths:
@@ -274,7 +278,7 @@ def check_tasks(
     if search_paths:
         custom = TaskManager(include_path=list(search_paths), include_defaults=False)
         if all(name in custom.all_tasks for name in task_names):
-            _check_named_metrics(custom, metrics)
+            _check_named_metrics(custom, metrics, raced)
             return False
     manager = TaskManager(include_path=list(search_paths) or None, include_defaults=True)
     known = manager.all_tasks
@@ -289,20 +293,27 @@ def check_tasks(
             f"lm-eval cannot find task {', '.join(hints)}; searched {', '.join(searched)}. "
             "Fix the task name under 'tasks:', or add its folder with --task-search-path"
         )
-    _check_named_metrics(manager, metrics)
+    _check_named_metrics(manager, metrics, raced)
     return True
 
 
-def _check_named_metrics(manager: Any, metrics: Sequence[tuple[str, str]]) -> None:
+def _check_named_metrics(manager: Any, metrics: Sequence[tuple[str, str]], raced: Sequence[str] = ()) -> None:
     """A configured metric that a task's YAML shows it never produces is refused now (else the
     first evaluation finds it, after the servers and slots started). Only tasks whose YAML lists
     its metrics are checked; lm-eval names each result ``<metric>,<filter>`` (filter ``none``
-    without a filter_list). The YAML is read as data: no function it names is imported."""
+    without a filter_list). The YAML is read as data: no function it names is imported.
+    A task in ``raced`` must be a task (not a group or tag) whose YAML does not aggregate the
+    metric otherwise than as a mean (the slot checks the aggregation lm-eval resolves, too)."""
     from lm_eval.tasks._index import Kind
     from lm_eval.tasks._yaml_loader import load_yaml
 
     for name, metric in metrics:
         entry = manager.task_index.get(name)
+        if name in raced and entry is not None and entry.kind is not Kind.TASK:
+            raise ConfigurationError(
+                f"--racing scores each task's items in stages, and {name!r} is a group or tag of tasks: "
+                "name its tasks under 'tasks:' instead, or leave --racing off"
+            )
         if entry is None or entry.kind is not Kind.TASK or entry.yaml_path is None:
             continue
         try:
@@ -323,6 +334,19 @@ def _check_named_metrics(manager: Any, metrics: Sequence[tuple[str, str]]) -> No
             raise ConfigurationError(
                 f"task {name!r} does not produce metric {metric!r}; it produces {', '.join(produced)} "
                 f"(its metric_list in {entry.yaml_path}). Set 'metric:' of the task to one of them"
+            )
+        aggregation = next(
+            (
+                m.get("aggregation")
+                for m in listed
+                if isinstance(m, dict) and m.get("metric") == metric.partition(",")[0]
+            ),
+            None,
+        )
+        if name in raced and aggregation not in (None, "mean"):
+            raise ConfigurationError(
+                f"--racing needs metrics that are means over items; task {name!r} aggregates "
+                f"{metric!r} with {aggregation!r} (its metric_list in {entry.yaml_path}): leave --racing off"
             )
 
 
@@ -395,7 +419,12 @@ def with_checked_tasks(spec: RunSpec) -> RunSpec:
     whether lm-eval's built-in tasks are needed at all."""
     tasks = [*spec.config.tasks, *(spec.config.held_out_tasks or [])]
     names = [t.name for t in tasks]
-    needed = check_tasks(list(dict.fromkeys(names)), spec.options.task_search_path, [(t.name, t.metric) for t in tasks])
+    needed = check_tasks(
+        list(dict.fromkeys(names)),
+        spec.options.task_search_path,
+        [(t.name, t.metric) for t in tasks],
+        raced=[t.name for t in spec.config.tasks] if spec.options.racing else (),
+    )
     return spec.model_copy(update={"include_default_tasks": needed})
 
 

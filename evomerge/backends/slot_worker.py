@@ -8,14 +8,18 @@ so tests can drive it without Ray; ``evomerge.backends.slot_pool`` runs it as a 
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from evomerge.backends.evaluator_hf import HFEvaluator, Scores
 from evomerge.backends.merger_disk import DiskMerger
+from evomerge.backends.racer import Racer
 from evomerge.backends.run_store import RunStore
 from evomerge.core.records import CandidateRequest, EvaluationOutcome, Timings, error_summary
 from evomerge.core.run_spec import RunSpec
@@ -49,6 +53,7 @@ class SlotWorker:
             self._evaluator_args["seed"] = spec.options.seed
         self.evaluator = self._make_evaluator(held_out=False)
         self._held_out_evaluator = None  # built when the first held-out score is asked for
+        self.racer = Racer(spec, self.evaluator, self.store) if spec.options.racing else None
         self.resident = None
         if spec.options.in_memory:
             from evomerge.backends.resident_model import ResidentModel
@@ -97,11 +102,11 @@ class SlotWorker:
             # resident model only takes merges of the search's own method.
             if self.resident is not None and request.kind == "candidate":
                 timings.merge = self.resident.merge(request.merge_config)
-                return evaluator.score(self.resident.lm)
+                return self._scoring(request, evaluator)(self.resident.lm)
             t0 = time.perf_counter()
             self.merger.merge(request.merge_config, out_dir)
             timings.merge = time.perf_counter() - t0
-            return evaluator.evaluate(out_dir)
+            return evaluator.evaluate(out_dir, self._scoring(request, evaluator))
 
         return self._outcome(request, merge_and_score, cleanup=out_dir, merge_node_id=self.node_id)
 
@@ -112,9 +117,17 @@ class SlotWorker:
             timings.merge = merged.seconds
             if merged.error:
                 raise CandidateMergeError(merged.error)
-            return self._evaluator_for(request).evaluate(merged.path)
+            evaluator = self._evaluator_for(request)
+            return evaluator.evaluate(merged.path, self._scoring(request, evaluator))
 
         return self._outcome(request, score, cleanup=merged.path, merge_node_id=merged.node_id)
+
+    def _scoring(self, request: CandidateRequest, evaluator: HFEvaluator) -> Callable[[Any], Scores]:
+        """How a loaded candidate is scored: in racing stages (a search candidate with
+        --racing), or on every item at once."""
+        if self.racer is not None and request.kind == "candidate" and not request.held_out:
+            return functools.partial(self.racer.race, request)
+        return evaluator.score
 
     def _outcome(self, request: CandidateRequest, work, *, cleanup: str, merge_node_id: str) -> EvaluationOutcome:
         """Run ``work(timings) -> Scores`` and turn whatever happens into an outcome. The fitness
@@ -123,12 +136,13 @@ class SlotWorker:
         timings = Timings()
         metrics: dict = {}
         items: dict = {}
+        race = None
         try:
             failpoint(
                 "slot-evaluate", f"{request.generation}.{request.index}"
             )  # tests kill, hang or fail the worker here
             scores = work(timings)
-            metrics, items = _numeric_metrics(scores.results), scores.item_scores
+            metrics, items, race = _numeric_metrics(scores.results), scores.item_scores, scores.race
             timings.load, timings.evaluate = scores.load_seconds, scores.evaluate_seconds
             status, error = "ok", None
         except CandidateMergeError as exc:
@@ -148,6 +162,7 @@ class SlotWorker:
             merge_node_id=merge_node_id,
             eval_node_id=self.node_id,
             item_scores=items,
+            race=race,
         )
 
 

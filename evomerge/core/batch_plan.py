@@ -69,9 +69,10 @@ def plan_batch(
 
 
 def best_record(records: Mapping[str, CandidateRecord] | Sequence[CandidateRecord]) -> CandidateRecord | None:
-    """The highest-scoring successful record; ties go to the earliest evaluated."""
+    """The highest-scoring successful record scored on every item; ties go to the earliest
+    evaluated."""
     values = records.values() if isinstance(records, Mapping) else records
-    ok = [r for r in values if r.status == "ok" and r.score is not None]
+    ok = [r for r in values if r.status == "ok" and r.score is not None and r.fully_scored]
     if not ok:
         return None
     return max(ok, key=lambda r: (r.score, -r.generation, -r.index))

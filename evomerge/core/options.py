@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from evomerge.core.racing import DEFAULT_CONFIDENCE
+
 Strategy = Literal["pool", "buffered", "serial"]
 SearcherName = Literal["cma-es-box", "cma-es-box-mirrored-elitist", "cma-es", "random"]
 # Each searcher's initial step size when --sigma0 is not given, as a fraction of a parameter's
@@ -146,6 +148,25 @@ class RunOptions(BaseModel):
         "aside, so the search goes on from there with the new scores.",
         json_schema_extra=cli(flag="single"),
     )
+    racing: bool = Field(
+        False,
+        description="Score each candidate in stages (1/8, 1/4, 1/2, then all of each task's items, in one "
+        "random order shared by every candidate) and stop one as soon as enough candidates of its "
+        "generation beat it on the same items with --racing-confidence that it cannot be among the "
+        "generation's parents; it is told to the searcher with its score on the items it scored. "
+        "Needs tasks whose metric is a mean over items.",
+        json_schema_extra=cli(flag="single"),
+    )
+    racing_confidence: float = Field(
+        DEFAULT_CONFIDENCE,
+        description="With --racing: the one-sided confidence that another candidate is better on the "
+        "same items (paired) before it counts against a candidate.",
+    )
+    max_items: int | None = Field(
+        None,
+        description="With --racing: a second budget, in items scored over the whole search (each task "
+        "item one candidate scored); no new candidate starts once it is spent.",
+    )
     baselines: bool = Field(
         True,
         description="Score each parent model and the uniform merge before the search (not counted in --max-fevals).",
@@ -186,7 +207,7 @@ class RunOptions(BaseModel):
             raise ValueError("must be at least 2 (CMA-ES ranks candidates against each other)")
         return value
 
-    @field_validator("batch_size", "num_gpus", "cpu_slots", "generations_per_run", "held_out_top")
+    @field_validator("batch_size", "num_gpus", "cpu_slots", "generations_per_run", "held_out_top", "max_items")
     @classmethod
     def _positive_count(cls, value: int | None) -> int | None:
         if value is not None and value < 1:
@@ -207,6 +228,13 @@ class RunOptions(BaseModel):
             raise ValueError("must be a positive number of seconds")
         return value
 
+    @field_validator("racing_confidence")
+    @classmethod
+    def _confidence(cls, value: float) -> float:
+        if not 0.5 <= value < 1:
+            raise ValueError("must be at least 0.5 and below 1, e.g. 0.95")
+        return value
+
     @field_validator("max_failed_fraction")
     @classmethod
     def _fraction(cls, value: float) -> float:
@@ -223,6 +251,8 @@ class RunOptions(BaseModel):
                 "--in-memory with --vllm (weight updates of a resident vLLM engine) is not "
                 "available yet; use --vllm alone (on-disk merges) or --in-memory alone (hf)"
             )
+        if self.max_items is not None and not self.racing:
+            raise ValueError("--max-items is a budget of --racing runs; add --racing, or use --max-fevals alone")
         if self.in_memory and self.strategy != "pool":
             raise ValueError(
                 f"--in-memory merges inside the slot that scores the candidate (--strategy pool); "

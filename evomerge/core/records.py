@@ -99,6 +99,19 @@ class Timings(BaseModel):
     round_trip: float = 0.0
 
 
+class RaceResult(BaseModel):
+    """``--racing``: how far a candidate was scored, in the run's fixed order of items
+    (``evomerge.core.racing``). Its record's metrics and score are means over the items scored."""
+
+    items_scored: int
+    items_full: int  # what scoring every item would have been
+    stopped: bool = False  # out of its generation's parents with confidence before its last stage
+    beaten_by: list[str] = Field(default_factory=list)  # the keys that beat it where it stopped
+    # Each task's configured metric per item, in the race order: what later candidates of the
+    # generation are compared with.
+    item_scores: dict[str, list[float]] = Field(default_factory=dict)
+
+
 class EvaluationOutcome(BaseModel):
     """What a slot returns for a candidate: metrics, or the error that stopped it."""
 
@@ -116,6 +129,7 @@ class EvaluationOutcome(BaseModel):
     # Held-out scoring only: each task's metric per item, in lm-eval's document order, so that
     # two models can be compared item by item (paired standard errors).
     item_scores: dict[str, list[float]] = Field(default_factory=dict)
+    race: RaceResult | None = None  # --racing: how far it was scored
 
 
 class CandidateRecord(BaseModel):
@@ -145,6 +159,13 @@ class CandidateRecord(BaseModel):
     held_out: bool = False
     search_key: str = ""
     item_scores: dict[str, list[float]] = Field(default_factory=dict)
+    race: RaceResult | None = None
+
+    @property
+    def fully_scored(self) -> bool:
+        """Scored on every item (always, unless --racing stopped it early): only such a record
+        can be the best, or be scored on the held-out tasks."""
+        return self.race is None or not self.race.stopped
 
     @classmethod
     def from_outcome(
@@ -181,4 +202,14 @@ class CandidateRecord(BaseModel):
 
 # What a record keeps of its request and of its outcome as they are.
 _FROM_REQUEST = {"key", "generation", "index", "vector", "merge_config", "kind", "label", "held_out", "search_key"}
-_FROM_OUTCOME = {"metrics", "node", "slot", "merge_node_id", "eval_node_id", "attempts", "worker_deaths", "item_scores"}
+_FROM_OUTCOME = {
+    "metrics",
+    "node",
+    "slot",
+    "merge_node_id",
+    "eval_node_id",
+    "attempts",
+    "worker_deaths",
+    "item_scores",
+    "race",
+}

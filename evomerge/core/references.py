@@ -83,9 +83,12 @@ def baseline_requests(
 
 
 def top_candidates(records: Mapping[str, CandidateRecord], count: int) -> list[CandidateRecord]:
-    """The ``count`` best successful candidates, best first (ties: earliest evaluated)."""
+    """The ``count`` best successful candidates scored on every item, best first (ties: earliest
+    evaluated)."""
     scored = [
-        (r.score, r) for r in records.values() if r.kind == "candidate" and r.status == "ok" and r.score is not None
+        (r.score, r)
+        for r in records.values()
+        if r.kind == "candidate" and r.status == "ok" and r.score is not None and r.fully_scored
     ]
     ranked = sorted(scored, key=lambda pair: (-pair[0], pair[1].generation, pair[1].index))
     return [r for _, r in ranked[:count]]

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict
 
 from evomerge.core.config import EvolveConfig
 from evomerge.core.options import RunOptions
+from evomerge.core.racing import DEFAULT_CONFIDENCE
 from evomerge.core.records import EvaluationSettings, canonical_json
 from evomerge.core.search_space import SearchSpace, default_popsize
 
@@ -40,12 +41,17 @@ _NOT_IN_FINGERPRINT = {
     "retry_failed",  # replaces failed records by new ones of the same search
     "baselines",
     "held_out_top",
+    "max_items",  # a budget, like max_fevals
 }
 # Options added after evomerge 0.1 that shape the search, with the value that is 0.1's behaviour:
 # in the fingerprint only when they differ from it, so that a storage path written before they
 # existed keeps its fingerprint (and a search begun by 0.2 or older is never continued by
 # another searcher).
-_IN_FINGERPRINT_UNLESS: dict[str, Any] = {"searcher": "cma-es"}
+_IN_FINGERPRINT_UNLESS: dict[str, Any] = {
+    "searcher": "cma-es",
+    "racing": False,
+    "racing_confidence": DEFAULT_CONFIDENCE,  # a search without --racing never reads it
+}
 
 
 class ModelFacts(BaseModel):

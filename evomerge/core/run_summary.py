@@ -24,6 +24,19 @@ def mean_timings(records: Mapping[str, CandidateRecord]) -> dict[str, float | No
     return {part: float(np.mean([getattr(r.timings, part) for r in ok])) if ok else None for part in TIMING_PARTS}
 
 
+def items_spent(records: Mapping[str, CandidateRecord]) -> dict[str, Any]:
+    """--racing: task items the candidates scored (``items_scored``) and what scoring each of the
+    same candidates on every item would have been (``items_full``); None without racing."""
+    raced = [r.race for r in records.values() if r.race is not None]
+    if not raced:
+        return {"items_scored": None, "items_full": None, "stopped_early": None}
+    return {
+        "items_scored": sum(r.items_scored for r in raced),
+        "items_full": sum(r.items_full for r in raced),
+        "stopped_early": sum(r.stopped for r in raced),
+    }
+
+
 def run_summary(
     *,
     storage_path: str,
@@ -63,5 +76,6 @@ def run_summary(
         "elapsed_seconds": elapsed_seconds,
         # Of this run's candidates (evomerge.core.slot_utilization); None before the first.
         "slot_utilization": slot_utilization,
+        **items_spent(records),
         "comparison": comparison,
     }

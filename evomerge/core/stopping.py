@@ -33,6 +33,7 @@ class SearchProgress:
     idle_generations: int = 0  # consecutive steps whose candidates were all evaluated before
     generations_this_run: int = 0  # steps of this run that evaluated something
     evaluated_this_run: int = 0
+    items_scored: int = 0  # --racing: task items scored by candidates, over every run
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,12 @@ class StoppingRules:
     max_fevals: int
     timeout: float | None = None  # seconds of this run
     generations_per_run: int | None = None
+    max_items: int | None = None  # --racing's budget in items scored
 
     def budget_left(self, progress: SearchProgress) -> int:
+        """Candidates that may still start: none once either budget is spent."""
+        if self.max_items is not None and progress.items_scored >= self.max_items:
+            return 0
         return max(0, self.max_fevals - progress.evaluations)
 
     def search_finished(self, progress: SearchProgress) -> bool:
@@ -54,6 +59,8 @@ class StoppingRules:
                 f"search converged: the last {progress.idle_generations} generations asked only "
                 f"merges already evaluated ({self.budget_left(progress)} of the budget left unspent)"
             )
+        if self.max_items is not None and progress.items_scored >= self.max_items:
+            return StopDecision(f"item budget spent ({progress.items_scored} of {self.max_items} items scored)")
         if self.budget_left(progress) == 0:
             return StopDecision(f"evaluation budget spent ({progress.evaluations} of {self.max_fevals})")
         if self.timeout is not None and elapsed_seconds > self.timeout:
