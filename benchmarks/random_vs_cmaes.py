@@ -87,10 +87,11 @@ def run_one(job: tuple[str, int, int]) -> dict:
     )
     spec = prepare_run(config, tempfile.mkdtemp(prefix=f"bench-{method}-{seed}-"), options, check_task_names=False)
     session = SearchSession(spec)
-    # One worker serves every search of this process: a racing search's racer reads its own board.
+    # One worker serves every search of this process: a racing search's racer gets a board of its own.
+    from evomerge.backends.race_board import RaceBoard
     from evomerge.backends.racer import Racer
 
-    WORKER.racer = Racer(spec, WORKER.evaluator, session.store) if spec.options.racing else None
+    WORKER.racer = Racer(spec, WORKER.evaluator, RaceBoard()) if spec.options.racing else None
     started = time.perf_counter()
     # The search's own loop; with held_out_tasks in the config it ends by scoring the best
     # candidate on them.

@@ -114,10 +114,11 @@ def run_evomerge(job: tuple[str, str, int, int, str]) -> dict:
     )
     spec = prepare_run(str(config), tempfile.mkdtemp(prefix=f"quality-{system}-"), options, check_task_names=False)
     session = SearchSession(spec)
-    if spec.options.racing:  # the problem's worker serves every search: race against this one's board
+    if spec.options.racing:  # the problem's worker serves every search: a fresh board for each search
+        from evomerge.backends.race_board import RaceBoard
         from evomerge.backends.racer import Racer
 
-        worker.racer = Racer(spec, worker.evaluator, session.store)  # type: ignore[attr-defined]
+        worker.racer = Racer(spec, worker.evaluator, RaceBoard())  # type: ignore[attr-defined]
     started = time.perf_counter()
     sigmas: list[float] = []
 

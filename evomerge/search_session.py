@@ -43,7 +43,6 @@ from evomerge.core.storage_layout import (
     HELD_OUT,
     SUMMARY,
     checkpoint_name,
-    race_entry_name,
     record_name,
 )
 from evomerge.core.suggestion_feed import SuggestionFeed
@@ -393,7 +392,6 @@ class SearchSession:
         self._recorded_here.append(record)
         if record.race is not None:
             self.progress.items_scored += record.race.items_scored
-            self.store.write_json(race_entry_name(record.generation, record.key), record.race.item_scores)
         if record.status == "ok" and record.fully_scored and (self._best is None or record.score > self._best.score):
             self._best = record
             self.store.write_text(BEST_CONFIG, best_config_yaml(record))

@@ -205,19 +205,37 @@ def test_another_search_on_the_same_path_is_refused(finished_run):
 
 
 def test_a_run_on_s3_storage(tiny_models, tmp_path, prefect_api, s3_endpoint, ray_cluster):
-    """Records, best config, summary and final model on a real S3 API (moto_server, loopback)."""
+    """Records, best config, summary and final model on a real S3 API (moto_server, loopback),
+    with --racing: the slots on two nodes share the run's racing board (a Ray actor; a slot never
+    needs the storage's credentials) and their records say how far each candidate was scored."""
     import s3fs
 
     config = write_config(tmp_path / "config.yml", tiny_models)
     storage = "s3://evomerge-test/e2e-run"
     env = shared_env(prefect_api, WANDB_API_KEY="sentinel-wandb-key-4567")
     result = run_evomerge(
-        config, storage, "--max-fevals", "4", "--popsize", "4", "--ray-address", ray_cluster.address, env=env
+        config,
+        storage,
+        "--max-fevals",
+        "4",
+        "--popsize",
+        "4",
+        "--racing",
+        "--ray-address",
+        ray_cluster.address,
+        env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     fs = s3fs.S3FileSystem()
     fs.invalidate_cache()
     assert len(fs.ls(f"{storage}/records")) == 4
+    # 4 candidates x 2 tasks x 24 items (the config's limit); the board has each candidate's scores.
+    summary = json.loads(fs.cat_file(f"{storage}/summary.json"))
+    assert summary["items_full"] == 4 * 48 and 0 < summary["items_scored"] <= summary["items_full"]
+    assert "items scored      :" in result.stdout
+    races = [json.loads(fs.cat_file(p))["race"] for p in fs.ls(f"{storage}/records")]
+    assert sum(r["items_scored"] for r in races) == summary["items_scored"]
+    assert all(r["items_full"] == 48 and len(r["item_scores"]["tiny_rev"]) >= 3 for r in races)
 
     # The checkpoint is published as Prefect artifacts; no credential is in them, in the logs
     # or in any file of the run.

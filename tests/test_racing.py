@@ -16,7 +16,6 @@ from evomerge.backends.slot_worker import SlotWorker, merge_to_folder
 from evomerge.core.config import TaskConfiguration
 from evomerge.core.racing import STAGES, is_better, item_order, outraced_by, partial_score, stage_end
 from evomerge.core.records import CandidateRequest, candidate_key
-from evomerge.core.storage_layout import race_entry_name
 
 TASKS = [TaskConfiguration(name="a"), TaskConfiguration(name="b", weight=0.5)]
 
@@ -105,7 +104,7 @@ def test_a_candidate_beaten_by_mu_of_its_generation_stops_after_the_first_stage(
     }
     worker = SlotWorker(racing_spec, "slot-race")
     for key, items in store_board.items():
-        worker.store.write_json(race_entry_name(5, key), items)
+        worker.racer.board.publish(5, key, items)
     for vector in ([0.5, 0.5, 0.5, 0.5], [0.1, 0.1, 0.1, 0.1]):
         outcome = worker.run(request_for(racing_spec, vector, generation=5))
         assert outcome.status == "ok", outcome.error
@@ -126,14 +125,11 @@ def test_candidates_still_running_on_other_slots_count_on_the_items_they_scored(
     worker = SlotWorker(racing_spec, "slot-race")
     first_stage = stage_end(100, 0)
     for key in ("running-1", "running-2"):
-        worker.store.write_json(
-            race_entry_name(6, key), {"tiny_shift": [1.0] * first_stage, "tiny_rev": [1.0] * first_stage}
-        )
+        worker.racer.board.publish(6, key, {"tiny_shift": [1.0] * first_stage, "tiny_rev": [1.0] * first_stage})
     request = request_for(racing_spec, [0.1, 0.1, 0.1, 0.1], generation=6)
     outcome = worker.run(request)
     assert outcome.race.stopped and outcome.race.beaten_by == ["running-1", "running-2"]
-    published = worker.store.read_json(race_entry_name(6, request.key))
-    assert published == outcome.race.item_scores
+    assert worker.racer.board.others(6, "running-1")[request.key] == outcome.race.item_scores
 
 
 def test_racing_in_memory_on_disk_and_through_a_merge_task_score_the_same_stages(racing_spec, tiny_models, tmp_path):
@@ -147,19 +143,20 @@ def test_racing_in_memory_on_disk_and_through_a_merge_task_score_the_same_stages
         build_options(task_search_path=[str(TASKS_DIR)], racing=True, popsize=4, in_memory=True),
     )
     board = {"strong-1": {"tiny_shift": [1.0] * 100, "tiny_rev": [1.0] * 100}}
-    disk_worker = SlotWorker(racing_spec, "disk")
-    for key in ("strong-1", "strong-2"):
-        disk_worker.store.write_json(race_entry_name(7, key), board["strong-1"])
+    disk_worker, memory_worker = SlotWorker(racing_spec, "disk"), SlotWorker(in_memory, "memory")
+    for worker in (disk_worker, memory_worker):
+        for key in ("strong-1", "strong-2"):
+            worker.racer.board.publish(7, key, board["strong-1"])
     request = request_for(racing_spec, [0.2, 0.8, 0.6, 0.3], generation=7)
     on_disk = disk_worker.run(request)
-    resident = SlotWorker(in_memory, "memory").run(request)
+    resident = memory_worker.run(request)
     merged = merge_to_folder(racing_spec, request)
     through_task = disk_worker.evaluate_merged(request, merged)
     for outcome in (on_disk, resident, through_task):
         assert outcome.status == "ok", outcome.error
     assert on_disk.race == resident.race == through_task.race
     assert on_disk.metrics == resident.metrics == through_task.metrics
-    assert json.dumps(on_disk.race.item_scores)  # what the session writes to the board
+    assert json.dumps(on_disk.race.item_scores)  # what a record keeps
 
 
 def test_a_task_whose_metric_is_not_a_mean_cannot_be_raced(tiny_models, tmp_path):
@@ -178,8 +175,8 @@ def test_a_task_whose_metric_is_not_a_mean_cannot_be_raced(tiny_models, tmp_path
 
 # --- a search with racing ------------------------------------------------------------------------
 def test_a_racing_search_stops_hopeless_candidates_tells_their_partial_scores_and_keeps_count(racing_spec, tmp_path):
-    """The search loop in this process with a real racing slot: the session writes each
-    generation's board as records arrive, the stopped candidates are told their partial score,
+    """The search loop in this process with a real racing slot (its own board: each candidate is
+    compared with the ones it scored before), the stopped candidates are told their partial score,
     never become the best, and summary.json counts the items; a second session on the same path
     counts the same, and an item budget stops the search."""
     from evomerge.core.checkpoint import GenerationCheckpoint

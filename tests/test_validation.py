@@ -266,7 +266,9 @@ def test_racing_a_task_that_cannot_be_raced_is_refused_before_any_work(tmp_path,
     (tasks / "both.yaml").write_text("group: both_skills\ntask: [tiny_rev, tiny_shift]\n")
     config = write_config(tmp_path / "c.yml", tiny_models, tasks=[{"name": "tiny_rev_median"}])
     result = run_cli(config, tmp_path / "s", "--task-search-path", str(tasks), "--racing")
-    assert_refused(result, "--racing needs metrics that are means over items", "'tiny_rev_median'", storage=tmp_path / "s")
+    assert_refused(
+        result, "--racing needs metrics that are means over items", "'tiny_rev_median'", storage=tmp_path / "s"
+    )
     assert run_cli(config, tmp_path / "s", "--task-search-path", str(tasks), "--max-items", "100").exit_code == 2
     with pytest.raises(ConfigurationError, match="'both_skills' is a group or tag"):
         check_tasks(["both_skills"], [str(TASKS_DIR), str(tasks)], [("both_skills", "acc,none")], raced=["both_skills"])

@@ -3,9 +3,9 @@ generation's results already in say it cannot be among the parents (``evomerge.c
 
 The model stays loaded between stages (the resident model in memory, the merged folder's model on
 disk), so a stage costs only its items. After each stage the slot publishes the candidate's
-per-item scores so far on its generation's board (``racing/<generation>/<key>.json``; the session
-writes the final ones with each record), and after each stage but the last it reads the others'
-and compares: with the recorded candidates, and with those still running on other slots.
+per-item scores so far on the run's board (``evomerge.backends.race_board``), and after each stage
+but the last it compares them with the generation's others there: the candidates already scored,
+and those still running on other slots.
 """
 
 from __future__ import annotations
@@ -14,11 +14,10 @@ import time
 from typing import Any
 
 from evomerge.backends.evaluator_hf import HFEvaluator, Scores
-from evomerge.backends.run_store import DamagedFileError, RunStore
-from evomerge.core.racing import STAGES, ItemScores, item_order, outraced_by, stage_end
+from evomerge.backends.race_board import RaceBoard, RayRaceBoard
+from evomerge.core.racing import STAGES, item_order, outraced_by, stage_end
 from evomerge.core.records import CandidateRequest, RaceResult
 from evomerge.core.run_spec import RunSpec
-from evomerge.core.storage_layout import race_board_folder, race_entry_name
 
 
 class RacingNotPossibleError(ValueError):
@@ -26,9 +25,9 @@ class RacingNotPossibleError(ValueError):
 
 
 class Racer:
-    def __init__(self, spec: RunSpec, evaluator: HFEvaluator, store: RunStore):
+    def __init__(self, spec: RunSpec, evaluator: HFEvaluator, board: RaceBoard | RayRaceBoard):
         self.evaluator = evaluator
-        self.store = store
+        self.board = board
         self.tasks = spec.evaluation.tasks
         self.mu = max(1, spec.popsize() // 2)  # CMA-ES's parents (pycma's default mu)
         self.confidence = spec.options.racing_confidence
@@ -51,11 +50,12 @@ class Racer:
             }
             for name, scored in self.evaluator.score_items(lm, wanted).items():
                 values[name].update(scored)
+            so_far = self._item_scores(values)
+            self.board.publish(request.generation, request.key, so_far)
             if stage == len(STAGES) - 1:
                 break
-            so_far = self._item_scores(values)
-            self.store.write_json(race_entry_name(request.generation, request.key), so_far)
-            beaten_by = outraced_by(so_far, self._board(request), self.tasks, self.mu, self.confidence)
+            others = self.board.others(request.generation, request.key)
+            beaten_by = outraced_by(so_far, others, self.tasks, self.mu, self.confidence)
             if beaten_by:
                 break
         scored = sum(len(v) for v in values.values())
@@ -67,22 +67,6 @@ class Racer:
             item_scores=self._item_scores(values),
         )
         return Scores(_means(values), race=race, evaluate_seconds=time.perf_counter() - started)
-
-    def _board(self, request: CandidateRequest) -> dict[str, ItemScores]:
-        """The other candidates of the request's generation, as far as each has been scored."""
-        folder = race_board_folder(request.generation)
-        board = {}
-        for name in self.store.list_names(folder):
-            key = name.removesuffix(".json")
-            if key == request.key:
-                continue
-            try:
-                items = self.store.read_json(f"{folder}/{name}")
-            except DamagedFileError:  # advisory: a damaged entry (written again with its record) counts as absent
-                continue
-            if isinstance(items, dict):
-                board[key] = items
-        return board
 
     def _item_scores(self, values: dict[str, dict[int, dict[str, float]]]) -> dict[str, list[float]]:
         """Each configured task's metric per item scored, in the race order."""

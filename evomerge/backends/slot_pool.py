@@ -69,6 +69,7 @@ class SlotPool:
         self.spec = spec
         self._started_ray = False
         self._actors: list = []
+        self._race_board = None  # --racing: the board actor every slot publishes to
         self._pending: list[SlotRef] = []
         self._warming: list = []
         self._actor_options: dict = {}
@@ -90,6 +91,11 @@ class SlotPool:
         count, self._actor_options = plan_slots(ray.cluster_resources(), self.spec)
         namespace = f"evomerge-{uuid.uuid4().hex[:8]}"
         actor_cls = ray.remote(SlotWorker)
+        race_board = None
+        if self.spec.options.racing:  # one board for every slot: kept alive by this pool's handle
+            from evomerge.backends.race_board import RaceBoard
+
+            race_board = self._race_board = ray.remote(RaceBoard).options(num_cpus=0, namespace=namespace).remote()
         for i in range(count):
             name = f"slot-{i}"
             actor_name = f"evomerge-{name}"
@@ -103,7 +109,7 @@ class SlotPool:
                     # run_on_slot, a bounded number of times.
                     max_restarts=-1,
                     **self._actor_options,
-                ).remote(self.spec, name, threads=self._actor_options.get("num_cpus", 1))
+                ).remote(self.spec, name, threads=self._actor_options.get("num_cpus", 1), race_board=race_board)
             )
             self._pending.append(SlotRef(name, actor_name, namespace))
         # Prefect tasks run in Ray worker processes; a fresh worker spends seconds importing
@@ -146,12 +152,12 @@ class SlotPool:
         if self._actors:
             import ray
 
-            for actor in self._actors:
+            for actor in [*self._actors, *([self._race_board] if self._race_board is not None else [])]:
                 try:
                     ray.kill(actor)
                 except Exception:  # already gone
                     pass
-        self._actors, self._refs = [], None
+        self._actors, self._refs, self._race_board = [], None, None
         disconnect_ray(self._started_ray)
         self._started_ray = False
 

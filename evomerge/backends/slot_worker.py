@@ -19,6 +19,7 @@ from typing import Any
 
 from evomerge.backends.evaluator_hf import HFEvaluator, Scores
 from evomerge.backends.merger_disk import DiskMerger
+from evomerge.backends.race_board import RaceBoard, RayRaceBoard
 from evomerge.backends.racer import Racer
 from evomerge.backends.run_store import RunStore
 from evomerge.core.records import CandidateRequest, EvaluationOutcome, Timings, error_summary
@@ -27,7 +28,7 @@ from evomerge.failpoints import failpoint
 
 
 class SlotWorker:
-    def __init__(self, spec: RunSpec, slot: str, threads: int = 1):
+    def __init__(self, spec: RunSpec, slot: str, threads: int = 1, race_board: Any = None):
         import torch
 
         os.chdir(spec.working_dir)  # lm-eval resolves relative data_files against the cwd
@@ -53,7 +54,10 @@ class SlotWorker:
             self._evaluator_args["seed"] = spec.options.seed
         self.evaluator = self._make_evaluator(held_out=False)
         self._held_out_evaluator = None  # built when the first held-out score is asked for
-        self.racer = Racer(spec, self.evaluator, self.store) if spec.options.racing else None
+        self.racer = None
+        if spec.options.racing:  # the run's board actor under Ray; in-process, this slot's own board
+            board = RaceBoard() if race_board is None else RayRaceBoard(race_board)
+            self.racer = Racer(spec, self.evaluator, board)
         self.resident = None
         if spec.options.in_memory:
             from evomerge.backends.resident_model import ResidentModel

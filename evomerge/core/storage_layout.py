@@ -7,9 +7,6 @@
     baselines/<key>.json      parents and the uniform merge, scored before the search
     held_out/<key>.json       baselines and the best candidates scored on held_out_tasks
     checkpoints/<n>.json      step n of the searcher as told (format: evomerge.core.checkpoint)
-    racing/<n>/<key>.json     --racing: a candidate of generation n's per-item scores so far
-                              (written by its slot after each stage, and with its record),
-                              which the generation's running candidates are compared with
     quarantine/<folder>/      records that could not be read, moved aside at resume
     lease.json                which process runs the search now (evomerge.backends.run_lease)
     best_config.yaml          the best merge so far, a config ``mergekit-yaml`` takes as is
@@ -38,7 +35,6 @@ REPORT_PLOT = "report.png"
 CHECKPOINTS = "checkpoints"
 QUARANTINE = "quarantine"
 MERGED = "merged"
-RACING = "racing"
 
 # Where a record lives: CMA-ES candidates, baselines, and held-out scores are kept apart.
 RecordFolder = Literal["records", "baselines", "held_out"]
@@ -61,11 +57,3 @@ def quarantine_name(folder: str, file_name: str) -> str:
 
 def scratch_name(key: str) -> str:
     return f"{MERGED}/{key}"
-
-
-def race_board_folder(generation: int) -> str:
-    return f"{RACING}/{generation:05d}"
-
-
-def race_entry_name(generation: int, key: str) -> str:
-    return f"{race_board_folder(generation)}/{key}.json"
