@@ -100,3 +100,19 @@ def test_each_death_under_a_candidate_is_counted_once_and_retries_are_bounded(ra
     # The timed-out candidate handed its slot back restarted: the next candidate finds it ready
     # and is not charged a death for the restart.
     assert results["hangs-once"]["after"] == {"status": "ok", "attempts": 1, "worker_deaths": []}
+
+
+def test_an_error_inside_a_ray_task_is_recorded_by_its_own_type_and_message():
+    """Ray wraps an error raised in a task; the wrapper's first line names only the task (a
+    --vllm run recorded "ray::merge-and-evaluate()" for every candidate): the record names the
+    error inside, as Ray re-raises it (``as_instanceof_cause``) and as it arrives."""
+    from ray.exceptions import RayTaskError
+
+    from evomerge.core.records import error_summary
+
+    try:
+        raise TypeError("keys must be str, int, float, bool or None, not Setting")
+    except TypeError as cause:
+        wrapped = RayTaskError("merge-and-evaluate", "ray::merge-and-evaluate() (pid=1)", cause)
+    for error in (wrapped, wrapped.as_instanceof_cause()):
+        assert error_summary(error).startswith("TypeError: keys must be str, int, float, bool or None, not Setting")

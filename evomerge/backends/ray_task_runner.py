@@ -29,11 +29,21 @@ from prefect_ray import RayTaskRunner as _PrefectRayTaskRunner
 _BUILT_SETTINGS: dict[str, Any] = {}
 
 
+def _str_keys(value: Any) -> Any:
+    """The same data with every dict key a string (Prefect 3.7 keys a profile's settings by
+    ``Setting`` objects, which ``json.dumps`` refuses)."""
+    if isinstance(value, dict):
+        return {str(k): _str_keys(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_str_keys(v) for v in value]
+    return value
+
+
 def _with_built_settings(context: dict[str, Any]) -> dict[str, Any]:
     serialized = context.get("settings_context")
     if not serialized or not isinstance(serialized.get("settings"), dict):
         return context
-    key = hashlib.sha256(json.dumps(serialized, sort_keys=True, default=str).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps(_str_keys(serialized), sort_keys=True, default=str).encode()).hexdigest()
     if key not in _BUILT_SETTINGS:
         from prefect.context import SettingsContext
 

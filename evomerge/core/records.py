@@ -59,7 +59,12 @@ def candidate_key(merge_config: dict[str, Any], settings: EvaluationSettings) ->
 
 
 def error_summary(exc: BaseException, limit: int = 500) -> str:
-    """``Type: first line of the message (at file:line)``: what a record keeps of an error."""
+    """``Type: first line of the message (at file:line)``: what a record keeps of an error. An
+    error that wraps the one raised elsewhere (Ray's ``RayTaskError``, whose own first line is
+    only the task's name) is summarized by that one."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException) and cause is not exc:
+        return error_summary(cause, limit)
     tb = traceback.extract_tb(exc.__traceback__)
     where = f" (at {tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno})" if tb else ""
     lines = str(exc).strip().splitlines()
