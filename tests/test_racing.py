@@ -14,7 +14,8 @@ from evomerge.backends.merger_disk import DiskMerger
 from evomerge.backends.prepare import build_options, prepare_run
 from evomerge.backends.slot_worker import SlotWorker, merge_to_folder
 from evomerge.core.config import TaskConfiguration
-from evomerge.core.racing import STAGES, is_better, item_order, outraced_by, partial_score, stage_end
+from evomerge.core.fitness import weighted_score
+from evomerge.core.racing import STAGES, is_better, item_order, outraced_by, stage_end
 from evomerge.core.records import CandidateRequest, candidate_key
 
 TASKS = [TaskConfiguration(name="a"), TaskConfiguration(name="b", weight=0.5)]
@@ -43,7 +44,6 @@ def test_a_candidate_stops_only_when_mu_others_beat_it_on_the_same_items_with_co
     others = {"s1": strong, "run": running, "eq": equal, "started": started}
     assert outraced_by(weak, others, TASKS, mu=2) == ["run", "s1"]
     assert outraced_by(weak, others, TASKS, mu=3) == []  # two better are not three
-    assert partial_score(weak, TASKS) == pytest.approx(np.mean(weak["a"]) + 0.5 * np.mean(weak["b"]))
 
 
 def test_a_small_noisy_lead_is_not_confidence():
@@ -115,8 +115,13 @@ def test_a_candidate_beaten_by_mu_of_its_generation_stops_after_the_first_stage(
     assert race.stopped, "a candidate of the tiny models got every item right"
     assert per_task == [stage_end(100, 0)] * 2 and race.items_scored == 2 * stage_end(100, 0)
     assert race.beaten_by == ["perfect-1", "perfect-2"]
-    for task in racing_spec.evaluation.tasks:  # the partial score's metrics: means over the items scored
+    tasks = racing_spec.evaluation.tasks
+    for task in tasks:  # the partial score's metrics: means over the items scored
         assert outcome.metrics[task.name][task.metric] == pytest.approx(np.mean(race.item_scores[task.name]))
+    # what the searcher is told: the fitness's weighted sum, of those means
+    assert weighted_score(outcome.metrics, tasks) == pytest.approx(
+        sum(t.weight * np.mean(race.item_scores[t.name]) for t in tasks)
+    )
 
 
 def test_candidates_still_running_on_other_slots_count_on_the_items_they_scored(racing_spec):

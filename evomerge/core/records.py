@@ -110,11 +110,15 @@ class RaceResult(BaseModel):
 
     items_scored: int
     items_full: int  # what scoring every item would have been
-    stopped: bool = False  # out of its generation's parents with confidence before its last stage
     beaten_by: list[str] = Field(default_factory=list)  # the keys that beat it where it stopped
     # Each task's configured metric per item, in the race order: what later candidates of the
     # generation are compared with.
     item_scores: dict[str, list[float]] = Field(default_factory=dict)
+
+    @property
+    def stopped(self) -> bool:
+        """Out of its generation's parents with confidence before its last stage."""
+        return self.items_scored < self.items_full
 
 
 class EvaluationOutcome(BaseModel):
