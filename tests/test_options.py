@@ -130,7 +130,6 @@ def test_every_upstream_flag_is_accepted():
     "values, fragment",
     [
         ({"strategy": "buffered", "in_memory": True}, "--in-memory merges inside the slot"),
-        ({"vllm": True, "in_memory": True}, "--in-memory with --vllm"),
         ({"load_in_8bit": True}, "--load-in-8bit is not available yet"),
         ({"max_fevals": 0}, "max_fevals: must be at least 1"),
         ({"popsize": 1}, "popsize: must be at least 2"),

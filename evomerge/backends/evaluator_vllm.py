@@ -24,13 +24,21 @@ CPU_KV_CACHE_BYTES = 1 << 30
 
 
 class VLLMEvaluator(HFEvaluator):
-    def __init__(self, *args: Any, seed: int = 0, gpu_memory_utilization: float = 0.85, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        seed: int = 0,
+        gpu_memory_utilization: float = 0.85,
+        engine_args: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ):
         # The engine in this process (a slot's actor): 4-5 s to start instead of 24-38 s, and no
         # engine process for Ray to leave behind when it kills the actor. Read at vLLM's import.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         super().__init__(*args, **kwargs)
         self.seed = seed
         self.gpu_memory_utilization = gpu_memory_utilization
+        self.engine_args = engine_args or {}  # more of vLLM's engine arguments (``block_size``)
 
     def model_args(self, model_path: str) -> dict[str, Any]:
         """The keyword arguments of ``lm_eval.models.vllm_causallms.VLLM`` for one folder."""
@@ -49,6 +57,7 @@ class VLLMEvaluator(HFEvaluator):
                 # torch.compile at start (116 s for the same outputs).
                 else {"kv_cache_memory_bytes": CPU_KV_CACHE_BYTES, "enforce_eager": True}
             ),
+            **self.engine_args,
         }
 
     def load(self, model_path: str):

@@ -184,7 +184,22 @@ class InMemoryMerger:
 
     def merged_tensors(self, merge_config: Mapping[str, Any], seed: int | None = None) -> dict[str, torch.Tensor]:
         """The merge as a state dict: the tensors ``run_merge`` would write, dtypes included."""
-        return {job.name: tensor for job, tensor, _ in self._run(self._plan(merge_config), seed)}
+        return dict(self.merge_stream(merge_config, seed)[1])
+
+    def merge_stream(
+        self, merge_config: Mapping[str, Any], seed: int | None = None
+    ) -> tuple[frozenset[str], Iterator[tuple[str, torch.Tensor]]]:
+        """The names of the tensors the merge writes (planned, nothing computed yet), and the
+        tensors ``(name, tensor)`` computed one at a time as the iterator is read: for a consumer
+        that loads them somewhere else (a vLLM engine) without holding a whole merged copy."""
+        jobs = self._plan(merge_config)
+        return frozenset(job.name for job in jobs), ((job.name, tensor) for job, tensor, _ in self._run(jobs, seed))
+
+    def stored_names(self, model: str) -> frozenset[str]:
+        """The tensor names a loaded source model's safetensors hold."""
+        from mergekit.common import ModelReference
+
+        return frozenset(self._native[str(ModelReference.model_validate(model))])
 
     # --- loading ---------------------------------------------------------------------------
     def _load(self, model) -> None:

@@ -152,6 +152,16 @@ class SlotPool:
         if self._actors:
             import ray
 
+            # Each slot shuts down what it started (a resident vLLM engine) before it is killed;
+            # a slot still busy or hung is killed anyway after a short wait.
+            closing = [actor.close.remote() for actor in self._actors]
+            closed, _ = ray.wait(closing, num_returns=len(closing), timeout=15)
+            for ref in closed:
+                try:
+                    if said := ray.get(ref):
+                        logging.getLogger("evomerge").info("%s", said)
+                except Exception:  # a slot that died at the end: nothing of it is left to close
+                    pass
             for actor in [*self._actors, *([self._race_board] if self._race_board is not None else [])]:
                 try:
                     ray.kill(actor)

@@ -21,6 +21,7 @@ from evomerge.backends.evaluator_hf import HFEvaluator, Scores
 from evomerge.backends.merger_disk import DiskMerger
 from evomerge.backends.race_board import RaceBoard, RayRaceBoard
 from evomerge.backends.racer import Racer
+from evomerge.backends.resident_model import Resident
 from evomerge.backends.run_store import RunStore
 from evomerge.core.records import CandidateRequest, EvaluationOutcome, Timings, error_summary
 from evomerge.core.run_spec import RunSpec
@@ -58,8 +59,12 @@ class SlotWorker:
         if spec.options.racing:  # the run's board actor under Ray; in-process, this slot's own board
             board = RaceBoard() if race_board is None else RayRaceBoard(race_board)
             self.racer = Racer(spec, self.evaluator, board)
-        self.resident = None
-        if spec.options.in_memory:
+        self.resident: Resident | None = None
+        if spec.options.in_memory and spec.options.vllm:
+            from evomerge.backends.resident_engine import ResidentEngine
+
+            self.resident = ResidentEngine.for_run(spec, self.evaluator)
+        elif spec.options.in_memory:
             from evomerge.backends.resident_model import ResidentModel
 
             self.resident = ResidentModel(spec, device=device, batch_size=batch_size)
@@ -92,19 +97,27 @@ class SlotWorker:
 
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
+    def close(self) -> str | None:
+        """Release what could outlive this worker's process (a resident vLLM engine); says what."""
+        resident, self.resident = self.resident, None
+        if resident is None:
+            return None
+        resident.close()
+        return f"{self.slot}: {type(resident).__name__} shut down"
+
     def describe(self) -> dict[str, str]:
         return {"slot": self.slot, "node": self.node, "node_id": self.node_id, "pid": str(os.getpid())}
 
     def run(self, request: CandidateRequest) -> EvaluationOutcome:
-        """Pool strategy: merge and score in this worker (in place with --in-memory)."""
+        """Pool strategy: merge and score in this worker (into its resident model with --in-memory)."""
         out_dir = self.store.scratch_dir(request.key)
 
         evaluator = self._evaluator_for(request)
 
         def merge_and_score(timings: Timings) -> Scores:
-            # A baseline (a parent passed through, or the uniform merge) goes through disk: the
-            # resident model only takes merges of the search's own method.
-            if self.resident is not None and request.kind == "candidate":
+            # In memory, baselines too: a parent is a passthrough merge of one resident source
+            # (an engine slot must not start a second engine beside its resident one).
+            if self.resident is not None:
                 timings.merge = self.resident.merge(request.merge_config)
                 return self._scoring(request, evaluator)(self.resident.lm)
             t0 = time.perf_counter()

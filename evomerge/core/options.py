@@ -246,11 +246,6 @@ class RunOptions(BaseModel):
     def _exclusive_quantization(self) -> RunOptions:
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("choose one of --load-in-8bit and --load-in-4bit, not both")
-        if self.in_memory and self.vllm:
-            raise ValueError(
-                "--in-memory with --vllm (weight updates of a resident vLLM engine) is not "
-                "available yet; use --vllm alone (on-disk merges) or --in-memory alone (hf)"
-            )
         if self.max_items is not None and not self.racing:
             raise ValueError("--max-items is a budget of --racing runs; add --racing, or use --max-fevals alone")
         if self.in_memory and self.strategy != "pool":
