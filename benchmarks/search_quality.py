@@ -24,6 +24,10 @@ Every system gets the same ``mergekit-evolve`` config, unchanged:
   the generation's candidates already scored beat it with confidence); a stopped candidate never
   counts as a best found, and the items it scored are counted (``--racing-table`` prints the
   items scored against scoring every item, and the quality against ``evomerge``);
+  ``evomerge-racing-80`` the same at confidence 0.80;
+- ``evomerge-racing-lockstep``: ``--racing`` with a slot per candidate, simulated: a generation's
+  candidates raced in lockstep, each compared after every stage with all of the others
+  (``benchmarks/lockstep_racing.py``);
 - ``upstream``: ``mergekit-evolve`` of mergekit 0.1.4 in its own virtual environment, built on
   first use (``benchmarks/planted/upstream.py``), on a local Ray with one fake GPU.
 
@@ -68,7 +72,10 @@ SYSTEM_OPTIONS: dict[str, dict] = {
     "evomerge-barrier-free-8": {"barrier_free": True},
     "evomerge-racing": {"racing": True},
     "evomerge-racing-80": {"racing": True, "racing_confidence": 0.8},
+    "evomerge-racing-lockstep": {"racing": True},
 }
+# Racing with a slot per candidate: a generation's candidates raced in lockstep (lockstep_racing.py).
+LOCKSTEP = {"evomerge-racing-lockstep"}
 # Barrier-free: slots simulated per system (the order results come back in).
 BARRIER_FREE_SLOTS = {"evomerge-barrier-free-4": 4, "evomerge-barrier-free-8": 8}
 SYSTEMS = (*SYSTEM_OPTIONS, "upstream")
@@ -118,7 +125,11 @@ def run_evomerge(job: tuple[str, str, int, int, str]) -> dict:
         from evomerge.backends.race_board import RaceBoard
         from evomerge.backends.racer import Racer
 
-        worker.racer = Racer(spec, worker.evaluator, RaceBoard())  # type: ignore[attr-defined]
+        sys.path.insert(0, str(HERE))
+        from lockstep_racing import LockstepBoard
+
+        board = LockstepBoard() if system in LOCKSTEP else RaceBoard()
+        worker.racer = Racer(spec, worker.evaluator, board)  # type: ignore[attr-defined]
     started = time.perf_counter()
     sigmas: list[float] = []
 
@@ -131,7 +142,13 @@ def run_evomerge(job: tuple[str, str, int, int, str]) -> dict:
 
     submitted: list[str] = []  # keys in the order evaluations were started
     stream = _simulated_slots(worker.run, BARRIER_FREE_SLOTS.get(system, 1), seed, submitted)  # type: ignore[attr-defined]
-    run_search_loop(session, inline_runner(session, worker.run), [StepSizes()], run_stream=stream)  # type: ignore[attr-defined]
+    if system in LOCKSTEP:
+        from lockstep_racing import lockstep_runner
+
+        with lockstep_runner(worker, lambda request, outcome: session.record_outcome(request, outcome, 0.0)) as batch:
+            run_search_loop(session, batch, [StepSizes()])
+    else:
+        run_search_loop(session, inline_runner(session, worker.run), [StepSizes()], run_stream=stream)  # type: ignore[attr-defined]
     if not submitted:  # synchronous: evaluated in the order asked
         submitted = [r.key for r in sorted(session.records.values(), key=lambda r: (r.generation, r.index))]
     records = [session.records[k] for k in submitted]
@@ -247,10 +264,15 @@ def report(results: Path, problems: list[str], systems: list[str], seeds: list[i
     return "\n".join(lines)
 
 
-def racing_report(results: Path, problems: list[str], seeds: list[int]) -> str:
-    """Racing against scoring every item, the same candidate budget: items scored over a full
-    evaluation's, and the best found, against the spread of the full evaluation's seeds."""
+RACING_SYSTEMS = ("evomerge-racing", "evomerge-racing-80", "evomerge-racing-lockstep")
+
+
+def racing_report(results: Path, problems: list[str], seeds: list[int], system: str = "evomerge-racing") -> str:
+    """Racing (``system``) against scoring every item, the same candidate budget: items scored over a
+    full evaluation's, and the best found, against the spread of the full evaluation's seeds."""
     lines = [
+        f"{system}:",
+        "",
         "| problem | budget | full: median best (SE) | racing: median best | within 1 SE | items ratio (median) |",
         "|---|---:|---:|---:|:---:|---:|",
     ]
@@ -261,17 +283,17 @@ def racing_report(results: Path, problems: list[str], seeds: list[int]) -> str:
                 for seed in seeds
                 if (path := results / system / problem / f"{seed}.json").exists()
             ]
-            for system in ("evomerge", "evomerge-racing")
+            for system in ("evomerge", system)
         }
-        if not runs["evomerge"] or not runs["evomerge-racing"]:
+        if not runs["evomerge"] or not runs[system]:
             continue
         for budget in BUDGETS:
             full = [best_within(r["scores"], budget) for r in runs["evomerge"]]
-            raced = [best_within(r["scores"], budget) for r in runs["evomerge-racing"]]
+            raced = [best_within(r["scores"], budget) for r in runs[system]]
             se = statistics.stdev(full) / len(full) ** 0.5 if len(full) > 1 else float("nan")
             ratios = [
                 sum(i[0] for i in r["items"][:budget] if i) / sum(i[1] for i in r["items"][:budget] if i)
-                for r in runs["evomerge-racing"]
+                for r in runs[system]
             ]
             within = statistics.median(raced) >= statistics.median(full) - (0.0 if math.isnan(se) else se)
             lines.append(
@@ -335,7 +357,9 @@ def main() -> None:
                 print(line, flush=True)
     print(report(results, args.problems, args.systems, args.seeds))
     if args.racing_table:
-        print(racing_report(results, args.problems, args.seeds))
+        for system in RACING_SYSTEMS:
+            if (results / system).is_dir():
+                print(racing_report(results, args.problems, args.seeds, system))
 
 
 def _run_and_keep(item: tuple[tuple[str, str, int, int, str], str]) -> str:

@@ -99,3 +99,34 @@ def test_the_best_within_a_budget_counts_the_first_evaluations_only():
     assert search_quality.best_within(scores, 3) == 0.5
     assert search_quality.best_within(scores, 10) == 0.9
     assert np.isnan(search_quality.best_within([None], 1))
+
+
+def test_the_lockstep_board_holds_each_candidate_until_every_running_one_reached_its_stage():
+    """benchmarks/lockstep_racing.py: a candidate that asks for the others after its first stage
+    waits until the generation's other running candidates published theirs; one that finished
+    (or stopped) no longer holds anyone back."""
+    import threading
+
+    from lockstep_racing import LockstepBoard
+
+    board = LockstepBoard()
+    board.begin(["a", "b", "c"])
+    board.publish(0, "a", {"t": [1.0]})
+    seen: dict[str, dict] = {}
+    waiting = threading.Thread(target=lambda: seen.update(a=board.others(0, "a")))
+    waiting.start()
+    board.publish(0, "b", {"t": [0.0]})
+    waiting.join(timeout=0.3)
+    assert waiting.is_alive(), "a went on before c published its first stage"
+    board.done("c")  # c failed before its first stage
+    waiting.join(timeout=5)
+    assert not waiting.is_alive()
+    assert seen["a"] == {"b": {"t": [0.0]}}
+    board.publish(0, "b", {"t": [0.0, 1.0]})  # b, one stage ahead, waits for a's second stage
+    ahead = threading.Thread(target=lambda: seen.update(b=board.others(0, "b")))
+    ahead.start()
+    ahead.join(timeout=0.3)
+    assert ahead.is_alive()
+    board.publish(0, "a", {"t": [1.0, 1.0]})
+    ahead.join(timeout=5)
+    assert seen["b"] == {"a": {"t": [1.0, 1.0]}}
