@@ -421,11 +421,16 @@ class SearchSession:
 
     # --- baselines and held-out scores -------------------------------------------------------
     def baseline_requests(self) -> list[CandidateRequest]:
-        """Parents and the uniform merge not scored yet (on the search's and held-out tasks)."""
+        """Parents, the uniform merge (and the fixed weights) not scored yet (on the search's and
+        held-out tasks)."""
         if not self.spec.options.baselines:
             return []
         return baseline_requests(
-            self.space, self.settings, self.spec.held_out_evaluation, {**self.baselines, **self.held_out}
+            self.space,
+            self.settings,
+            self.spec.held_out_evaluation,
+            {**self.baselines, **self.held_out},
+            fixed=self.spec.options.fixed_baselines,
         )
 
     def held_out_requests(self) -> list[CandidateRequest]:

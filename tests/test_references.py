@@ -77,6 +77,31 @@ def test_baselines_are_each_parent_passed_through_and_the_uniform_merge():
     assert all(r.key == candidate_key(r.merge_config, SETTINGS) == r.search_key for r in requests)
 
 
+def test_fixed_baselines_add_one_weight_for_every_model_and_group_from_the_grid():
+    """task_arithmetic over two fine-tunes: the uniform merge is weight 0.5, so the grid adds 0.75,
+    1.0 and 1.25; a method whose weights are normalized (linear, ties by default) adds none."""
+    s = space()
+    requests = baseline_requests(s, SETTINGS, None, {}, fixed=True)
+    assert [r.label for r in requests][4:] == ["fixed weight 0.75", "fixed weight 1", "fixed weight 1.25"]
+    for request, weight in zip(requests[4:], (0.75, 1.0, 1.25), strict=True):
+        assert request.vector == [weight] * 4 and request.merge_config == s.decode(np.array([weight] * 4))
+        weights = [
+            source["parameters"]["weight"]
+            for piece in request.merge_config["slices"]
+            for source in piece["sources"]
+            if "parameters" in source
+        ]
+        assert weights == [weight] * 4
+    assert len({r.key for r in requests}) == len(requests)
+    for method, models in (("linear", ["/m/a", "/m/b"]), ("ties", ["/m/a", "/m/b"])):
+        genome = GenomeDefinition(
+            models=models, base_model="/m/base" if method == "ties" else None, merge_method=method
+        )
+        assert [r.label for r in baseline_requests(SearchSpace(genome, 4), SETTINGS, None, {}, fixed=True)][-1] == (
+            "uniform merge"
+        )
+
+
 def test_with_held_out_tasks_each_baseline_is_also_scored_on_them_and_recorded_ones_are_skipped():
     s = space()
     requests = baseline_requests(s, SETTINGS, HELD_SETTINGS, {})

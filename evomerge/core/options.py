@@ -171,6 +171,12 @@ class RunOptions(BaseModel):
         True,
         description="Score each parent model and the uniform merge before the search (not counted in --max-fevals).",
     )
+    fixed_baselines: bool = Field(
+        False,
+        description="With --baselines: also score one weight for every model in every layer group, "
+        "from 0.5, 0.75, 1.0, 1.25 (methods whose weights are not normalized, e.g. task_arithmetic): "
+        "the fixed settings a user would try by hand.",
+    )
     held_out_top: int = Field(
         3,
         description="With held_out_tasks in the config: how many of the best candidates are "

@@ -1,8 +1,9 @@
 """What the search is compared with: baselines, held-out re-scoring and paired differences.
 
 Baselines are each parent model (the ``models`` and the ``base_model``) and the uniform merge
-(the point CMA-ES starts from), scored on the search's tasks before the search; they are what a
-user would pick by hand. With ``held_out_tasks`` in the config, the baselines and the best few
+(the point CMA-ES starts from), and with ``--fixed-baselines`` one weight for every model in
+every layer group from a small grid, scored on the search's tasks before the search; they are what
+a user would pick by hand. With ``held_out_tasks`` in the config, the baselines and the best few
 candidates are scored again on those tasks, which the search never sees: the gap between the
 search score and the held-out score is how much of a win is selection noise.
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from evomerge.core.config import TaskConfiguration
 from evomerge.core.records import CandidateRecord, CandidateRequest, EvaluationSettings, candidate_key
@@ -25,6 +27,10 @@ from evomerge.core.search_space import SearchSpace
 
 UNIFORM_LABEL = "uniform merge"
 PARENT_PREFIX = "parent "
+# --fixed-baselines: the settings a user would try by hand before searching, one weight for every
+# model in every layer group from this grid (the other parameters at their start values).
+FIXED_WEIGHTS = (0.5, 0.75, 1.0, 1.25)
+FIXED_PREFIX = "fixed weight "
 # Baselines and held-out scores carry no CMA-ES generation.
 REFERENCE_GENERATION = -1
 
@@ -35,9 +41,33 @@ def parent_models(space: SearchSpace) -> list[str]:
     return list(dict.fromkeys([*([genome.base_model] if genome.base_model else []), *genome.models]))
 
 
-def baseline_merges(space: SearchSpace) -> list[tuple[str, dict[str, Any], list[float]]]:
+def fixed_weight_points(space: SearchSpace) -> list[tuple[str, NDArray[np.float64]]]:
+    """``(label, search vector)`` of each fixed weight of the grid that gives a merge other than
+    the uniform one: none for a method whose weights are normalized (equal weights are then the
+    uniform merge whatever their value) or that has no weights.
+
+    >>> from evomerge.core.config import GenomeDefinition
+    >>> genome = GenomeDefinition(models=["/m/a", "/m/b"], base_model="/m/base",
+    ...                           merge_method="task_arithmetic", layer_granularity=2)
+    >>> [(label, x.tolist()) for label, x in fixed_weight_points(SearchSpace(genome, 4))][:2]
+    [('fixed weight 0.75', [0.75, 0.75, 0.75, 0.75]), ('fixed weight 1', [1.0, 1.0, 1.0, 1.0])]
+    """
+    if "weight" not in space.parameters_per_model or space.genome.effective_normalize:
+        return []
+    uniform = space.initial_point()
+    points = []
+    for weight in FIXED_WEIGHTS:
+        x = np.array(
+            [weight if c.parameter == "weight" else v for c, v in zip(space.coordinates, uniform, strict=True)]
+        )
+        if space.decode(x) != space.decode(uniform):
+            points.append((f"{FIXED_PREFIX}{weight:g}", x))
+    return points
+
+
+def baseline_merges(space: SearchSpace, fixed: bool = False) -> list[tuple[str, dict[str, Any], list[float]]]:
     """``(label, mergekit config, search vector)`` of every baseline: each parent (no vector),
-    then the uniform merge."""
+    then the uniform merge, then (``fixed``) the fixed weights of ``fixed_weight_points``."""
     merges: list[tuple[str, dict[str, Any], list[float]]] = [
         (
             f"{PARENT_PREFIX}{space.model_label(model)}",
@@ -47,7 +77,8 @@ def baseline_merges(space: SearchSpace) -> list[tuple[str, dict[str, Any], list[
         for model in parent_models(space)
     ]
     uniform = space.initial_point()
-    merges.append((UNIFORM_LABEL, space.decode(uniform), [float(v) for v in uniform]))
+    points = [(UNIFORM_LABEL, uniform), *(fixed_weight_points(space) if fixed else [])]
+    merges.extend((label, space.decode(x), [float(v) for v in x]) for label, x in points)
     return merges
 
 
@@ -56,10 +87,11 @@ def baseline_requests(
     settings: EvaluationSettings,
     held_out: EvaluationSettings | None,
     recorded: Mapping[str, CandidateRecord],
+    fixed: bool = False,
 ) -> list[CandidateRequest]:
     """Baselines on the search's tasks (and on the held-out tasks) that have no record yet."""
     requests = []
-    for index, (label, merge, vector) in enumerate(baseline_merges(space)):
+    for index, (label, merge, vector) in enumerate(baseline_merges(space, fixed)):
         search_key = candidate_key(merge, settings)
         variants = [(search_key, False)]
         if held_out is not None:

@@ -40,6 +40,7 @@ _NOT_IN_FINGERPRINT = {
     "barrier_free",
     "retry_failed",  # replaces failed records by new ones of the same search
     "baselines",
+    "fixed_baselines",
     "held_out_top",
     "max_items",  # a budget, like max_fevals
 }
