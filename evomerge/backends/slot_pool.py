@@ -152,10 +152,12 @@ class SlotPool:
         if self._actors:
             import ray
 
-            # Each slot shuts down what it started (a resident vLLM engine) before it is killed;
-            # a slot still busy or hung is killed anyway after a short wait.
-            closing = [actor.close.remote() for actor in self._actors]
-            closed, _ = ray.wait(closing, num_returns=len(closing), timeout=15)
+            # Each slot shuts down what it started (a resident vLLM engine, the one thing that
+            # holds anything beyond its process) before it is killed; a slot still busy or hung
+            # is killed anyway after a short wait. Slots without one are not waited for.
+            holds_engine = self.spec.options.vllm and self.spec.options.in_memory
+            closing = [actor.close.remote() for actor in self._actors] if holds_engine else []
+            closed, _ = ray.wait(closing, num_returns=len(closing), timeout=15) if closing else ([], [])
             for ref in closed:
                 try:
                     if said := ray.get(ref):

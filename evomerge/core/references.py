@@ -55,14 +55,10 @@ def fixed_weight_points(space: SearchSpace) -> list[tuple[str, NDArray[np.float6
     if "weight" not in space.parameters_per_model or space.genome.effective_normalize:
         return []
     uniform = space.initial_point()
-    points = []
-    for weight in FIXED_WEIGHTS:
-        x = np.array(
-            [weight if c.parameter == "weight" else v for c, v in zip(space.coordinates, uniform, strict=True)]
-        )
-        if space.decode(x) != space.decode(uniform):
-            points.append((f"{FIXED_PREFIX}{weight:g}", x))
-    return points
+    is_weight = np.array([c.parameter == "weight" for c in space.coordinates])
+    uniform_merge = space.decode(uniform)
+    points = [(f"{FIXED_PREFIX}{w:g}", np.where(is_weight, w, uniform)) for w in FIXED_WEIGHTS]
+    return [(label, x) for label, x in points if space.decode(x) != uniform_merge]
 
 
 def baseline_merges(space: SearchSpace, fixed: bool = False) -> list[tuple[str, dict[str, Any], list[float]]]:
