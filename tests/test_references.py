@@ -11,6 +11,7 @@ from evomerge.core.config import GenomeDefinition, TaskConfiguration
 from evomerge.core.records import CandidateRecord, EvaluationSettings, candidate_key
 from evomerge.core.references import (
     baseline_requests,
+    fixed_weight_points,
     held_out_requests,
     paired_difference,
     top_candidates,
@@ -77,22 +78,33 @@ def test_baselines_are_each_parent_passed_through_and_the_uniform_merge():
     assert all(r.key == candidate_key(r.merge_config, SETTINGS) == r.search_key for r in requests)
 
 
-def test_fixed_baselines_add_one_weight_for_every_model_and_group_from_the_grid():
-    """task_arithmetic over two fine-tunes: the uniform merge is weight 0.5, so the grid adds 0.75,
-    1.0 and 1.25; a method whose weights are normalized (linear, ties by default) adds none."""
+def test_fixed_baselines_add_one_weight_per_model_from_the_grid_the_same_in_every_group():
+    """task_arithmetic over two fine-tunes: every combination of 0.5 / 0.75 / 1.0 / 1.25 (one
+    weight per model, the same in both layer groups) but 0.5 / 0.5, the uniform merge; over three,
+    the same weight for all; a method whose weights are normalized (linear, ties by default) adds
+    none."""
     s = space()
     requests = baseline_requests(s, SETTINGS, None, {}, fixed=True)
-    assert [r.label for r in requests][4:] == ["fixed weight 0.75", "fixed weight 1", "fixed weight 1.25"]
-    for request, weight in zip(requests[4:], (0.75, 1.0, 1.25), strict=True):
-        assert request.vector == [weight] * 4 and request.merge_config == s.decode(np.array([weight] * 4))
+    fixed = requests[4:]
+    grid = [(a, b) for a in (0.5, 0.75, 1.0, 1.25) for b in (0.5, 0.75, 1.0, 1.25) if (a, b) != (0.5, 0.5)]
+    assert [r.label for r in fixed] == [f"fixed weight {a:g} / {b:g}" for a, b in grid]
+    for request, (shift, rev) in zip(fixed, grid, strict=True):
+        assert request.vector == [shift, rev] * 2 and request.merge_config == s.decode(np.array([shift, rev] * 2))
         weights = [
-            source["parameters"]["weight"]
+            (source["model"], source["parameters"]["weight"])
             for piece in request.merge_config["slices"]
             for source in piece["sources"]
             if "parameters" in source
         ]
-        assert weights == [weight] * 4
+        assert weights == [("/m/shift", shift), ("/m/rev", rev)] * 2
     assert len({r.key for r in requests}) == len(requests)
+    three = GenomeDefinition(
+        models=["/m/a", "/m/b", "/m/c"], base_model="/m/base", merge_method="task_arithmetic", layer_granularity=4
+    )
+    # three models: the uniform merge is weight 1/3 each, so all four weights of the grid remain
+    assert [label for label, _ in fixed_weight_points(SearchSpace(three, 4))] == [
+        f"fixed weight {w:g} / {w:g} / {w:g}" for w in (0.5, 0.75, 1.0, 1.25)
+    ]
     for method, models in (("linear", ["/m/a", "/m/b"]), ("ties", ["/m/a", "/m/b"])):
         genome = GenomeDefinition(
             models=models, base_model="/m/base" if method == "ties" else None, merge_method=method

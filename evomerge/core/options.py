@@ -173,9 +173,10 @@ class RunOptions(BaseModel):
     )
     fixed_baselines: bool = Field(
         False,
-        description="With --baselines: also score one weight for every model in every layer group, "
-        "from 0.5, 0.75, 1.0, 1.25 (methods whose weights are not normalized, e.g. task_arithmetic): "
-        "the fixed settings a user would try by hand.",
+        description="With --baselines: also score one weight per model, the same in every layer group, "
+        "from 0.5, 0.75, 1.0, 1.25 (every combination for up to two models, else the same weight for "
+        "all; methods whose weights are not normalized, e.g. task_arithmetic): the fixed settings a "
+        "user would try by hand.",
     )
     held_out_top: int = Field(
         3,

@@ -13,6 +13,7 @@ so it is scored through exactly the same merge-load-evaluate path as every candi
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -27,9 +28,12 @@ from evomerge.core.search_space import SearchSpace
 
 UNIFORM_LABEL = "uniform merge"
 PARENT_PREFIX = "parent "
-# --fixed-baselines: the settings a user would try by hand before searching, one weight for every
-# model in every layer group from this grid (the other parameters at their start values).
+# --fixed-baselines: the settings a user would try by hand before searching, one weight per model,
+# the same in every layer group, from this grid (the other parameters at their start values):
+# every combination up to FIXED_GRID_MODELS models, beyond that one weight for all of them (the
+# grid has 4^n combinations; 64 merges for three models would cost more than a search's start).
 FIXED_WEIGHTS = (0.5, 0.75, 1.0, 1.25)
+FIXED_GRID_MODELS = 2
 FIXED_PREFIX = "fixed weight "
 # Baselines and held-out scores carry no CMA-ES generation.
 REFERENCE_GENERATION = -1
@@ -42,23 +46,39 @@ def parent_models(space: SearchSpace) -> list[str]:
 
 
 def fixed_weight_points(space: SearchSpace) -> list[tuple[str, NDArray[np.float64]]]:
-    """``(label, search vector)`` of each fixed weight of the grid that gives a merge other than
-    the uniform one: none for a method whose weights are normalized (equal weights are then the
-    uniform merge whatever their value) or that has no weights.
+    """``(label, search vector)`` of each fixed setting that gives a merge other than the uniform
+    one: one weight per model (in the order of ``models``) from ``FIXED_WEIGHTS``, every
+    combination for up to ``FIXED_GRID_MODELS`` models, else the same weight for all. None for a
+    method whose weights are normalized (equal weights are then the uniform merge whatever their
+    value) or that has no weights.
 
     >>> from evomerge.core.config import GenomeDefinition
     >>> genome = GenomeDefinition(models=["/m/a", "/m/b"], base_model="/m/base",
     ...                           merge_method="task_arithmetic", layer_granularity=2)
     >>> [(label, x.tolist()) for label, x in fixed_weight_points(SearchSpace(genome, 4))][:2]
-    [('fixed weight 0.75', [0.75, 0.75, 0.75, 0.75]), ('fixed weight 1', [1.0, 1.0, 1.0, 1.0])]
+    [('fixed weight 0.5 / 0.75', [0.5, 0.75, 0.5, 0.75]), ('fixed weight 0.5 / 1', [0.5, 1.0, 0.5, 1.0])]
     """
     if "weight" not in space.parameters_per_model or space.genome.effective_normalize:
         return []
+    models = space.weighted_models
+    if len(models) <= FIXED_GRID_MODELS:
+        settings = list(itertools.product(FIXED_WEIGHTS, repeat=len(models)))
+    else:
+        settings = [(w,) * len(models) for w in FIXED_WEIGHTS]
     uniform = space.initial_point()
-    is_weight = np.array([c.parameter == "weight" for c in space.coordinates])
     uniform_merge = space.decode(uniform)
-    points = [(f"{FIXED_PREFIX}{w:g}", np.where(is_weight, w, uniform)) for w in FIXED_WEIGHTS]
-    return [(label, x) for label, x in points if space.decode(x) != uniform_merge]
+    points = []
+    for setting in settings:
+        weight_of = dict(zip(models, setting, strict=True))
+        x = np.array(
+            [
+                weight_of[c.model] if c.parameter == "weight" and c.model else v
+                for c, v in zip(space.coordinates, uniform, strict=True)
+            ]
+        )
+        if space.decode(x) != uniform_merge:
+            points.append((FIXED_PREFIX + " / ".join(f"{w:g}" for w in setting), x))
+    return points
 
 
 def baseline_merges(space: SearchSpace, fixed: bool = False) -> list[tuple[str, dict[str, Any], list[float]]]:
