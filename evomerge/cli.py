@@ -232,6 +232,9 @@ def _print_summary(summary: dict) -> None:
             f"  over best parent  : {comparison['gain_over_best_parent']:+.6f} "
             f"({comparison['best_parent']}; on the search's tasks)"
         )
+    closest = comparison.get("closest_baseline_held_out")
+    if closest is not None:
+        click.echo(f"  closest baseline  : {closest} (held out)")
     for label, d in (comparison.get("held_out_vs_baselines") or {}).items():
         click.echo(
             f"  held out vs {label}: {d['difference']:+.4f} +- {d['standard_error']:.4f} "

@@ -154,6 +154,8 @@ def test_held_out_scores_of_the_best_candidates_and_the_baselines(finished_run):
         assert numbers["difference"] == pytest.approx(expected.difference)
         assert numbers["standard_error"] == pytest.approx(expected.standard_error)
     assert set(summary["held_out_vs_baselines"]) == set(baseline_keys)
+    differences = {label: numbers["difference"] for label, numbers in summary["held_out_vs_baselines"].items()}
+    assert differences[summary["closest_baseline_held_out"]] == min(differences.values())
 
     done = subprocess.run(
         [sys.executable, "-m", "evomerge.cli", "report", str(storage)], cwd=REPO, capture_output=True, text=True

@@ -163,6 +163,7 @@ def test_paired_difference_matches_a_direct_computation():
 def test_comparison_shows_gain_over_best_parent_and_held_out_differences():
     items_best = {"a_test": [1.0, 1.0, 1.0, 0.0], "b_test": [1.0, 1.0, 0.0, 1.0]}
     items_rev = {"a_test": [1.0, 0.0, 0.0, 0.0], "b_test": [1.0, 0.0, 0.0, 1.0]}
+    items_close = {"a_test": [1.0, 1.0, 1.0, 0.0], "b_test": [1.0, 0.0, 0.0, 1.0]}
     candidates = {
         "c1": record("c1", 1.3, metrics={"a": {"acc,none": 0.9}, "b": {"acc,none": 0.8}}),
         "c2": record("c2", 1.1, index=1),
@@ -182,6 +183,9 @@ def test_comparison_shows_gain_over_best_parent_and_held_out_differences():
             metrics={"a_test": {"acc,none": 0.75}, "b_test": {"acc,none": 0.5}},
         ),
         "h2": record("h2", 0.4, held_out=True, kind="baseline", label="parent rev", search_key="p1", items=items_rev),
+        "h3": record(
+            "h3", 0.9, held_out=True, kind="baseline", label="uniform merge", search_key="u", items=items_close
+        ),
     }
     rows = comparison_rows(top_candidates(candidates, 2), baselines, held, TASKS, HELD)
     assert [r.label for r in rows] == ["evolved (best)", "evolved #2", "parent base", "parent rev", "uniform merge"]
@@ -193,14 +197,23 @@ def test_comparison_shows_gain_over_best_parent_and_held_out_differences():
     summary = comparison_summary(rows, HELD)
     assert summary["best_parent"] == "parent rev" and summary["gain_over_best_parent"] == pytest.approx(0.1)
     expected = paired_difference(items_best, items_rev, HELD)
+    close = paired_difference(items_best, items_close, HELD)
     assert summary["held_out_vs_baselines"] == {
         "parent rev": {
             "difference": expected.difference,
             "standard_error": expected.standard_error,
             "standard_errors": expected.z,
             "items": 8,
-        }
+        },
+        "uniform merge": {
+            "difference": close.difference,
+            "standard_error": close.standard_error,
+            "standard_errors": close.z,
+            "items": 8,
+        },
     }
+    assert 0 < close.difference < expected.difference and summary["closest_baseline_held_out"] == "uniform merge"
     text = comparison_markdown(rows, TASKS, HELD)
     assert "| evolved (best) | 0.9000 | 0.8000 | 1.3000 | 0.7500 | 0.5000 | 1.0000 |" in text
     assert f"best candidate - parent rev: {expected.difference:+.4f}" in text
+    assert f"against its closest baseline (uniform merge): {close.difference:+.4f} ({close.z:.1f} paired" in text

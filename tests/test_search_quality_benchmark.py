@@ -46,7 +46,10 @@ def _merge(problem_name: str, root: Path, vector_of) -> torch.nn.Module:
     return resident
 
 
-@pytest.mark.parametrize("name", ["linear-2", "linear-3", "task_arithmetic-3", "ties-2", "slerp-2", "linear-3-layers"])
+@pytest.mark.parametrize(
+    "name",
+    ["linear-2", "linear-3", "task_arithmetic-3", "ties-2", "slerp-2", "linear-3-layers", "task_arithmetic-3-layers"],
+)
 def test_each_recipe_restores_the_hidden_model_and_the_uniform_merge_does_not(built, name):
     root, _ = built
     problem = planted.BY_NAME[name]
@@ -76,7 +79,7 @@ def test_configs_are_mergekit_evolve_configs_both_tools_read(built):
         for p in planted.PROBLEMS
     }
     assert all(2 <= d <= 8 for n, d in dimensions.items() if not planted.BY_NAME[n].high_dimensional)
-    assert dimensions["linear-3-layers"] >= 24
+    assert dimensions["linear-3-layers"] >= 24 and dimensions["task_arithmetic-3-layers"] >= 24
 
 
 def test_upstreams_best_at_a_budget_is_read_from_its_fit_dat(tmp_path):

@@ -104,6 +104,20 @@ PROBLEMS: tuple[Problem, ...] = (
         tuple(Source(name, tuple(layer for layer in range(8) if layer % 3 != i)) for i, name in enumerate("pqr")),
         high_dimensional=True,
     ),
+    # The same three sources merged by task arithmetic over a base broken in every layer: 24
+    # weights, not normalized, each layer's optimum one weight 1 and two 0.
+    Problem(
+        "task_arithmetic-3-layers",
+        "task_arithmetic",
+        8,
+        1,
+        (
+            *(Source(name, tuple(layer for layer in range(8) if layer % 3 != i)) for i, name in enumerate("pqr")),
+            Source("z", tuple(range(8))),
+        ),
+        base="z",
+        high_dimensional=True,
+    ),
 )
 BY_NAME = {p.name: p for p in PROBLEMS}
 

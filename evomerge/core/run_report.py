@@ -226,6 +226,12 @@ def comparison_summary(
                 "standard_errors": d.z,
                 "items": d.items,
             }
+    # The comparison a user cares about most: against the baseline the best candidate beat by
+    # the least (with --fixed-baselines, usually the best hand-picked setting).
+    differences = out["held_out_vs_baselines"]
+    out["closest_baseline_held_out"] = min(
+        differences, key=lambda label: differences[label]["difference"], default=None
+    )
     return out
 
 
@@ -264,6 +270,13 @@ def comparison_markdown(
             f"Gain of the best candidate over the best parent ({summary['best_parent']}) on the "
             f"search's tasks: {summary['gain_over_best_parent']:+.4f} (selected on these "
             "tasks, so optimistic)."
+        )
+    closest = summary["closest_baseline_held_out"]
+    if closest is not None:
+        d = summary["held_out_vs_baselines"][closest]
+        lines.append(
+            f"Held out, the best candidate against its closest baseline ({closest}): {d['difference']:+.4f} "
+            f"({d['standard_errors']:.1f} paired standard errors); against each baseline:"
         )
     for label, d in summary["held_out_vs_baselines"].items():
         lines.append(

@@ -32,7 +32,6 @@ Bit-identical across runs on the same machine and torch build (fixed seeds, one 
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import random
 import sys
@@ -72,7 +71,7 @@ DOMAIN_PHASE = {"lr": 1e-3, "schedule_steps": 200, "stop_at": 200, "warmup": 20}
 DOMAIN_SEED_OFFSET = 7  # the domain text: pseudo-text over another lexicon than the base's
 OWN = 0.7  # share of each phase's batches on what it teaches; the rest keeps behaviour
 POOL = 4096  # prompts answered once by the model itself, for self-distillation
-SEED = 0
+SEED = ms.SEED  # the multiskill base was built with it
 
 
 def _layer_params(model, layers: tuple[int, ...]):
@@ -153,17 +152,7 @@ def build_example(out_dir: str | Path, *, seed: int = SEED) -> dict[str, Path]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Path]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(HERE / "models"), help="output folder")
-    parser.add_argument("--seed", type=int, default=SEED)
-    args = parser.parse_args(argv)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    paths = build_example(args.out, seed=args.seed)
-    for name, path in paths.items():
-        print(f"{name}: {path}")
-    return paths
+    return ms.build_from_command_line(build_example, HERE / "models", __doc__, argv)
 
 
 if __name__ == "__main__":

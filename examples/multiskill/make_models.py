@@ -464,18 +464,24 @@ def _save(model, tokenizer, path: Path) -> None:
     tokenizer.save_pretrained(path)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Path]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(HERE / "models"), help="output folder")
+def build_from_command_line(build, default_out: Path, doc: str, argv: list[str] | None) -> dict[str, Path]:
+    """``--out`` and ``--seed`` from the command line, then ``build(out, seed=...)``; prints the
+    folders built (shared with ``examples/layered/make_models.py``)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--out", default=str(default_out), help="output folder")
     parser.add_argument("--seed", type=int, default=SEED)
     args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-shard progress bars would drown the report
-    paths = build_example(args.out, seed=args.seed)
+    paths = build(args.out, seed=args.seed)
     for name, path in paths.items():
         print(f"{name}: {path}")
     return paths
+
+
+def main(argv: list[str] | None = None) -> dict[str, Path]:
+    return build_from_command_line(build_example, HERE / "models", __doc__, argv)
 
 
 if __name__ == "__main__":
