@@ -64,7 +64,7 @@ def test_taking_each_skill_from_its_experts_layers_beats_every_fixed_setting(spe
 
     # the search vector: per layer, the weight of shift_expert then of rev_expert
     per_layer = np.array([0, 1, 0, 1, 1, 0, 1, 0], dtype=float)
-    assert [label for label in space.labels()[:2]] == ["layers 0-0/shift_expert/weight", "layers 0-0/rev_expert/weight"]
+    assert space.labels()[:2] == ["layers 0-0/shift_expert/weight", "layers 0-0/rev_expert/weight"]
     fixed = {label: fitness(x) for label, x in [("uniform merge", space.initial_point()), *fixed_weight_points(space)]}
     assert len(fixed) == 16
     recipe = fitness(per_layer)

@@ -86,6 +86,8 @@ def _halves(num_layers: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
 LOW, HIGH = _halves(4)
 TWO = (Source("a", LOW), Source("b", HIGH))
 THREE = (Source("a", LOW), Source("b", HIGH), Source("z", LOW + HIGH))
+# 8 layers: three sources, each intact in every third layer.
+EVERY_THIRD = tuple(Source(name, tuple(layer for layer in range(8) if layer % 3 != i)) for i, name in enumerate("pqr"))
 PROBLEMS: tuple[Problem, ...] = (
     Problem("linear-2", "linear", 4, 2, TWO),
     Problem("linear-3", "linear", 4, 2, (Source("a", LOW), Source("b", HIGH), Source("c", LOW + HIGH))),
@@ -101,7 +103,7 @@ PROBLEMS: tuple[Problem, ...] = (
         "linear",
         8,
         1,
-        tuple(Source(name, tuple(layer for layer in range(8) if layer % 3 != i)) for i, name in enumerate("pqr")),
+        EVERY_THIRD,
         high_dimensional=True,
     ),
     # The same three sources merged by task arithmetic over a base broken in every layer: 24
@@ -111,10 +113,7 @@ PROBLEMS: tuple[Problem, ...] = (
         "task_arithmetic",
         8,
         1,
-        (
-            *(Source(name, tuple(layer for layer in range(8) if layer % 3 != i)) for i, name in enumerate("pqr")),
-            Source("z", tuple(range(8))),
-        ),
+        (*EVERY_THIRD, Source("z", tuple(range(8)))),
         base="z",
         high_dimensional=True,
     ),

@@ -1,8 +1,8 @@
 """What the search is compared with: baselines, held-out re-scoring and paired differences.
 
 Baselines are each parent model (the ``models`` and the ``base_model``) and the uniform merge
-(the point CMA-ES starts from), and with ``--fixed-baselines`` one weight for every model in
-every layer group from a small grid, scored on the search's tasks before the search; they are what
+(the point CMA-ES starts from), and with ``--fixed-baselines`` one weight per model from a small
+grid, the same in every layer group, scored on the search's tasks before the search; they are what
 a user would pick by hand. With ``held_out_tasks`` in the config, the baselines and the best few
 candidates are scored again on those tasks, which the search never sees: the gap between the
 search score and the held-out score is how much of a win is selection noise.

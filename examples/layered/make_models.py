@@ -33,7 +33,6 @@ Bit-identical across runs on the same machine and torch build (fixed seeds, one 
 from __future__ import annotations
 
 import importlib.util
-import random
 import sys
 import time
 from pathlib import Path
@@ -80,27 +79,6 @@ def _layer_params(model, layers: tuple[int, ...]):
     return [p for n, p in model.named_parameters() if n.startswith(prefixes) and "norm" not in n]
 
 
-def _answered_by(model, batcher, skill: str, seed: str) -> list[tuple[list[int], list[int]]]:
-    """``POOL`` train-split prompts of ``skill``, each with the model's own greedy answer."""
-    rng = random.Random(seed)
-    prompts = [batcher.prompt_ids(skill, batcher.train_digits(rng)) for _ in range(POOL)]
-    return list(zip(prompts, ms.greedy(model, prompts, batcher.eos), strict=True))
-
-
-def _train_layers(model, batcher, mix: dict[str, float], layers, phase: dict, seed: int) -> float:
-    """Train only the attention and MLP weights of ``layers`` on ``mix``."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    params = _layer_params(model, layers)
-    for p in params:
-        p.requires_grad_(True)
-    torch.manual_seed(seed)
-    loss = ms._train(model, batcher, mix, params, **phase)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return loss
-
-
 def train_layered_expert(model, tokenizer, skill: str, *, seed: int, text_seed: int) -> tuple[float, float]:
     """Turn ``model`` (holding the base) into the ``skill`` expert in place: the skill in its
     skill layers, then its domain's text in its domain layers. Returns both final losses."""
@@ -109,16 +87,17 @@ def train_layered_expert(model, tokenizer, skill: str, *, seed: int, text_seed: 
     base_text = ms.PseudoText(text_seed)
     probe_batcher = ms.Batcher(tokenizer, base_text, seed=seed)
     # Phase 1: the skill; the other skill's prompts answered as the base answers them.
-    kept_other = _answered_by(model, probe_batcher, other, f"keep-{seed}-{other}")
+    kept_other = ms.answered_by(model, probe_batcher, other, POOL, f"keep-{seed}-{other}")
     batcher = ms.Batcher(tokenizer, base_text, seed=seed + 1, distill={other: kept_other})
     mix = {skill: OWN, f"distill:{other}": 1.0 - OWN}
-    loss_skill = _train_layers(model, batcher, mix, layout["skill_layers"], SKILL_PHASE, seed)
+    loss_skill = ms.train_only(model, _layer_params(model, layout["skill_layers"]), batcher, mix, SKILL_PHASE, seed)
     # Phase 2: the domain's text; the skill's own prompts answered as phase 1 answers them.
-    kept_own = _answered_by(model, probe_batcher, skill, f"keep-{seed}-{skill}")
+    kept_own = ms.answered_by(model, probe_batcher, skill, POOL, f"keep-{seed}-{skill}")
     domain = ms.PseudoText(text_seed + DOMAIN_SEED_OFFSET)
     batcher = ms.Batcher(tokenizer, domain, seed=seed + 2, distill={skill: kept_own})
     mix = {"text": OWN, f"distill:{skill}": 1.0 - OWN}
-    loss_domain = _train_layers(model, batcher, mix, layout["domain_layers"], DOMAIN_PHASE, seed + 1)
+    params = _layer_params(model, layout["domain_layers"])
+    loss_domain = ms.train_only(model, params, batcher, mix, DOMAIN_PHASE, seed + 1)
     return loss_skill, loss_domain
 
 

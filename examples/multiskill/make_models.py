@@ -384,18 +384,28 @@ def train_expert(
     (other,) = [s for s in data.SKILLS if s != skill]
     # The other skill's prompts answered by the base itself (whatever it says, right or
     # wrong): keeps the expert's behaviour there close to the base's.
-    rng = random.Random(f"distill-{seed}-{skill}")
-    prompts = [batcher.prompt_ids(other, batcher.train_digits(rng)) for _ in range(cfg["distill_pool"])]
-    pool = list(zip(prompts, greedy(model, prompts, tokenizer.eos_token_id), strict=True))
+    pool = answered_by(model, batcher, other, cfg["distill_pool"], f"distill-{seed}-{skill}")
+    expert_batcher = Batcher(tokenizer, text, seed=seed + 10, distill={other: pool})
+    mix = {skill: cfg["own"], f"distill:{other}": 1.0 - cfg["own"]}
+    return train_only(model, _expert_params(model), expert_batcher, mix, _schedule(cfg), seed)
+
+
+def answered_by(model, batcher: Batcher, skill: str, count: int, rng_name: str) -> list[tuple[list[int], list[int]]]:
+    """``count`` train-split prompts of ``skill`` (drawn by ``random.Random(rng_name)``), each
+    with the model's own greedy answer: a self-distillation pool."""
+    rng = random.Random(rng_name)
+    prompts = [batcher.prompt_ids(skill, batcher.train_digits(rng)) for _ in range(count)]
+    return list(zip(prompts, greedy(model, prompts, batcher.eos), strict=True))
+
+
+def train_only(model, params, batcher: Batcher, mix: dict[str, float], schedule: dict, seed: int) -> float:
+    """``_train`` with every parameter but ``params`` frozen (all trainable again afterwards)."""
     torch.manual_seed(seed)
     for p in model.parameters():
         p.requires_grad_(False)
-    params = _expert_params(model)
     for p in params:
         p.requires_grad_(True)
-    expert_batcher = Batcher(tokenizer, text, seed=seed + 10, distill={other: pool})
-    mix = {skill: cfg["own"], f"distill:{other}": 1.0 - cfg["own"]}
-    loss = _train(model, expert_batcher, mix, params, **_schedule(cfg))
+    loss = _train(model, batcher, mix, params, **schedule)
     for p in model.parameters():
         p.requires_grad_(True)
     return loss
