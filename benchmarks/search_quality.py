@@ -198,31 +198,38 @@ def _raise(request, exc: Exception):
 
 def reference_scores(job: tuple[str, str]) -> dict:
     """The uniform merge's score and the restoring recipe's, through evomerge's evaluator."""
-    from evomerge.core.records import CandidateRecord, CandidateRequest, candidate_key
-
     problem_name, root = job
     problem = planted.BY_NAME[problem_name]
     worker = _worker(Path(root) / "configs" / f"{problem_name}.yml", Path(root))
     space = worker.spec.search_space()  # type: ignore[attr-defined]
-    scores = {}
-    for label, x in (("uniform", space.initial_point()), ("optimum", planted.optimum_vector(problem, space))):
-        merge = space.decode(x)
-        key = candidate_key(merge, worker.spec.evaluation)  # type: ignore[attr-defined]
-        request = CandidateRequest(
-            key=key,
-            generation=-1,
-            index=0,
-            vector=[float(v) for v in x],
-            merge_config=merge,
-            kind="baseline",
-            label=label,
-            held_out=False,
-            search_key=key,
-        )
-        outcome = worker.run(request)  # type: ignore[attr-defined]
-        tasks = worker.spec.evaluation.tasks  # type: ignore[attr-defined]
-        scores[label] = CandidateRecord.from_outcome(request, outcome, tasks, {}, 0.0, 0.0).score
+    scores = {
+        label: score_of(worker, x, label)
+        for label, x in (("uniform", space.initial_point()), ("optimum", planted.optimum_vector(problem, space)))
+    }
     return {"dimension": space.dimension, **scores}
+
+
+def score_of(worker, x, label: str = "probe") -> float | None:
+    """One vector of the problem's search space merged and scored by ``worker`` (a baseline
+    request: nothing is told to a searcher); None if it failed."""
+    from evomerge.core.records import CandidateRecord, CandidateRequest, candidate_key
+
+    space = worker.spec.search_space()
+    merge = space.decode(x)
+    key = candidate_key(merge, worker.spec.evaluation)
+    request = CandidateRequest(
+        key=key,
+        generation=-1,
+        index=0,
+        vector=[float(v) for v in x],
+        merge_config=merge,
+        kind="baseline",
+        label=label,
+        held_out=False,
+        search_key=key,
+    )
+    outcome = worker.run(request)
+    return CandidateRecord.from_outcome(request, outcome, worker.spec.evaluation.tasks, {}, 0.0, 0.0).score
 
 
 # --- bookkeeping ---------------------------------------------------------------------------------

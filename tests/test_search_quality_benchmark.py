@@ -133,3 +133,25 @@ def test_the_lockstep_board_holds_each_candidate_until_every_running_one_reached
     board.publish(0, "a", {"t": [1.0, 1.0]})
     ahead.join(timeout=5)
     assert seen["b"] == {"a": {"t": [1.0, 1.0]}}
+
+
+def test_the_landscape_slices_go_through_the_optimum_and_shares_are_of_the_draws(built, monkeypatch):
+    """benchmarks/planted_landscape.py: along each coordinate, the value the optimum has scores
+    what the optimum scores; the shares count the first-generation draws (a few here)."""
+    import os
+
+    import planted_landscape
+
+    monkeypatch.chdir(os.getcwd())  # the benchmark's slot worker changes into the run's folder
+    root, _ = built
+    out = planted_landscape.landscape("task_arithmetic-2", root, samples=4, seed=0, slices=True)
+    assert out["optimum"] >= 0.99 and out["uniform"] < 0.7
+    problem = planted.BY_NAME["task_arithmetic-2"]
+    worker = search_quality._worker(root / "configs" / "task_arithmetic-2.yml", root)
+    optimum = planted.optimum_vector(problem, worker.spec.search_space())
+    assert len(out["slices"]) == len(optimum) == out["dimension"]
+    for value, row in zip(optimum, out["slices"].values(), strict=True):
+        assert row[planted_landscape.SLICE_VALUES.index(value)] == out["optimum"]
+        assert min(row) < out["optimum"]  # each coordinate matters on this problem
+    assert out["near"] in {k / 4 for k in range(5)} and out["better"] >= out["near"]
+    assert out["chance_in_48"] == 1 - (1 - out["near"]) ** 48
