@@ -36,7 +36,7 @@ SLICE_VALUES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def landscape(problem_name: str, root: Path, samples: int, seed: int, slices: bool) -> dict:
-    from evomerge.core.options import DEFAULT_SIGMA0
+    from evomerge.core.options import RunOptions
 
     problem = planted.BY_NAME[problem_name]
     worker = quality._worker(root / "configs" / f"{problem_name}.yml", root)
@@ -44,15 +44,18 @@ def landscape(problem_name: str, root: Path, samples: int, seed: int, slices: bo
     start = space.initial_point()
     optimum = np.asarray(planted.optimum_vector(problem, space), dtype=float)
     uniform, best = quality.score_of(worker, start), quality.score_of(worker, optimum)
+    # The default searcher's first generation: pycma samples its start with the identity
+    # covariance and step size sigma0; the box searcher clips each sample into the box.
+    sigma0 = RunOptions().sigma0
+    lower, upper = (np.asarray(edge, dtype=float) for edge in space.box())
+    rng = np.random.default_rng(seed)
+    draws = np.clip(start + sigma0 * rng.standard_normal((samples, start.size)), lower, upper)
+    scores = [quality.score_of(worker, x) for x in draws]
 
     def share(fraction: float) -> float:
         threshold = uniform + fraction * (best - uniform) - 1e-9
         return sum(s is not None and s >= threshold for s in scores) / samples
 
-    lower, upper = (np.asarray(edge, dtype=float) for edge in space.box())
-    rng = np.random.default_rng(seed)
-    draws = np.clip(start + DEFAULT_SIGMA0["cma-es-box"] * rng.standard_normal((samples, start.size)), lower, upper)
-    scores = [quality.score_of(worker, x) for x in draws]
     near = share(NEAR)
     out = {
         "problem": problem_name,
